@@ -1,0 +1,18 @@
+"""Model adapters: the decoder blocks, linears, norms and embeddings of each architecture, found from data."""
+
+from .adapter import LinearRef, ModelAdapter, get_submodule, in_features, is_linear, is_transposed, weight_out_in
+from .table import FAMILIES, LINEAR_ROLES, NORM_ROLES, ArchSpec
+
+__all__ = [
+    "FAMILIES",
+    "LINEAR_ROLES",
+    "NORM_ROLES",
+    "ArchSpec",
+    "LinearRef",
+    "ModelAdapter",
+    "get_submodule",
+    "in_features",
+    "is_linear",
+    "is_transposed",
+    "weight_out_in",
+]

@@ -1,0 +1,154 @@
+"""Find the decoder blocks and their linears in a loaded model, from the table or from ``_no_split_modules``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..utils import logger
+from .table import FAMILIES, ArchSpec
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """``root.get_submodule(path)`` that returns None instead of raising; an empty path is the root."""
+    if not path:
+        return root
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2 style, weight stored as (in, out))."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def is_transposed(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out_features, in_features) view that shares storage with the parameter."""
+    w = module.weight.data
+    return w.t() if is_transposed(module) else w
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_transposed(module) else module.weight.shape[1]
+
+
+@dataclass
+class LinearRef:
+    """One prunable linear: its full dotted name, its role, its path inside the block, and the module."""
+
+    name: str
+    role: str
+    local: str
+    module: nn.Module
+
+
+class ModelAdapter:
+    """Where the decoder blocks, linears, norms and embeddings of one loaded model are.
+
+    Args:
+        model: a loaded ``transformers`` model.
+        spec: override the table (for remote-code models with their own layout).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+        self.model = model
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.model_type = model_type
+        if spec is None and model_type in FAMILIES:
+            spec = FAMILIES[model_type]
+            if not self._spec_matches(spec):
+                logger.warning(
+                    "Model type '%s' does not have the module layout of its table row; falling back to "
+                    "_no_split_modules discovery.",
+                    model_type,
+                )
+                spec = None
+        self.spec = spec
+        if spec is not None:
+            self.blocks_path = spec.blocks
+            self.family = model_type or "custom"
+        else:
+            self.blocks_path = self._discover_blocks()
+            self.family = f"fallback:{type(model).__name__}"
+        self._block_list = get_submodule(model, self.blocks_path)
+
+    # ------------------------------------------------------------------ discovery
+    def _spec_matches(self, spec: ArchSpec) -> bool:
+        blocks = get_submodule(self.model, spec.blocks)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            return False
+        return any(is_linear(get_submodule(blocks[0], p) or nn.Identity()) for p in spec.linears.values())
+
+    def _discover_blocks(self) -> str:
+        names = set(getattr(self.model, "_no_split_modules", None) or [])
+        candidates = []
+        for path, module in self.model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0:
+                if all(type(child).__name__ in names for child in module):
+                    candidates.append((path, len(module)))
+        if not candidates:
+            supported = ", ".join(sorted(FAMILIES))
+            raise UnsupportedModelError(
+                f"Cannot find the decoder blocks of {type(self.model).__name__} "
+                f"(model_type={self.model_type!r}): it is not in the adapter table and its _no_split_modules "
+                f"({sorted(names) or 'none'}) name no nn.ModuleList. Supported families: {supported}. "
+                "Add a row to hf_prune/adapters/table.py, or pass an ArchSpec to ModelAdapter."
+            )
+        # A VLM has several stacks (vision tower, language model): the language model's is the deepest list
+        # among those that are not inside a vision module.
+        text_first = sorted(candidates, key=lambda c: ("vision" in c[0] or "visual" in c[0], -c[1]))
+        return text_first[0][0]
+
+    # ------------------------------------------------------------------ blocks and linears
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._block_list
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._block_list)
+
+    def block_name(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}"
+
+    def linears(self, index: int) -> list[LinearRef]:
+        """The prunable linears of block ``index``, with their roles (table roles, or the local name as role)."""
+        block = self._block_list[index]
+        prefix = self.block_name(index)
+        refs: list[LinearRef] = []
+        if self.spec is not None:
+            for role, local in self.spec.linears.items():
+                module = get_submodule(block, local)
+                if module is not None and is_linear(module):
+                    refs.append(LinearRef(f"{prefix}.{local}", role, local, module))
+            known = {r.local for r in refs}
+            extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m) and n not in known]
+        else:
+            extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m)]
+        for local, module in extra:
+            refs.append(LinearRef(f"{prefix}.{local}", local.split(".")[-1], local, module))
+        return refs
+
+    def all_linears(self) -> list[LinearRef]:
+        return [ref for i in range(self.num_blocks) for ref in self.linears(i)]
+
+    def embeddings(self) -> list[nn.Module]:
+        if self.spec is not None:
+            return [m for p in self.spec.embeddings if (m := get_submodule(self.model, p)) is not None]
+        emb = self.model.get_input_embeddings()
+        return [emb] if emb is not None else []
+
+    def lm_head(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    def __repr__(self) -> str:
+        return f"ModelAdapter(family={self.family!r}, blocks={self.blocks_path!r} x{self.num_blocks})"

@@ -1,0 +1,52 @@
+"""The ``calibration:`` section of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..configuration import StrictConfig
+from ..errors import RecipeError
+
+DEFAULT_SEQLEN = 2048
+
+
+@dataclass
+class CalibrationConfig(StrictConfig):
+    """Where calibration text comes from and how much of it.
+
+    Args:
+        source: built-in name (``fortunes``, ``wikipedia``, ``wikipedia-tail``), local file/folder, list of strings,
+            or an HF dataset id.
+        nsamples: number of calibration windows (the field's convention is 128).
+        seqlen: tokens per window; default min(2048, the model's max_position_embeddings).
+        seed: seeds the document order and window offsets.
+        batch_size: samples per block forward; 0 = all of them when they fit in memory (one forward per block).
+        text_field, split, dataset_config, data_files: how to read records and datasets.
+    """
+
+    source: Any = "fortunes"
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    batch_size: int = 0
+    text_field: str = "text"
+    split: str = "train"
+    dataset_config: str | None = None
+    data_files: Any = None
+
+    def validate(self) -> None:
+        if not isinstance(self.nsamples, int) or self.nsamples < 1:
+            raise RecipeError(f"calibration.nsamples must be a positive integer, got {self.nsamples!r}.")
+        if self.seqlen is not None and (not isinstance(self.seqlen, int) or self.seqlen < 2):
+            raise RecipeError(f"calibration.seqlen must be an integer >= 2, got {self.seqlen!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 0:
+            raise RecipeError(f"calibration.batch_size must be >= 0 (0 = automatic), got {self.batch_size!r}.")
+
+    def source_kwargs(self) -> dict[str, Any]:
+        return {
+            "text_field": self.text_field,
+            "split": self.split,
+            "dataset_config": self.dataset_config,
+            "data_files": self.data_files,
+        }

@@ -1,0 +1,219 @@
+"""Block-by-block calibration engine.
+
+1. Capture: run the model's own forward once per calibration chunk with every decoder block replaced by a recorder
+   that passes the hidden states through. Block 0's recorder keeps its input hidden states; every block's recorder
+   keeps the positional AND keyword arguments the model gives THAT block (masks, position embeddings,
+   cache_position, ...: whatever this transformers version passes, per-layer ones such as Gemma 3's sliding/full
+   masks included). The last recorder stops the forward, so the head never runs.
+2. Walk: for each block, a visitor sees the block's inputs, may run it any number of times (with hooks), and
+   returns its outputs, which become the next block's inputs. Only one block's activations live at a time.
+
+Nothing here knows about any pruning method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import ModelAdapter
+from ..utils import available_memory_bytes, logger
+
+
+class _StopForward(Exception):
+    """Raised by the last block's recorder: the capture needs nothing past the last block."""
+
+
+@dataclass
+class BlockCall:
+    """How the model called one block for one chunk: everything except the hidden states."""
+
+    args: tuple
+    kwargs: dict
+    hidden_key: int | str  # 0: first positional argument; else the keyword that carried the hidden states
+
+    def invoke(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_key == 0:
+            out = block(hidden, *self.args, **self.kwargs)
+        else:
+            out = block(*self.args, **{**self.kwargs, self.hidden_key: hidden})
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    param = next(iter(emb.parameters())) if emb is not None else next(iter(model.parameters()))
+    return param.device if param.device.type != "meta" else torch.device("cpu")
+
+
+def estimate_block_bytes_per_sample(model: nn.Module, seqlen: int) -> int:
+    """A generous estimate of the activation memory one calibration sample needs inside one block forward."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 4096)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 32)
+    itemsize = next(model.parameters()).element_size()
+    per_token = (8 * hidden + 3 * inter) * itemsize
+    attention = heads * seqlen * seqlen * 4  # eager attention probabilities (upper bound; SDPA needs less)
+    return seqlen * per_token + attention
+
+
+def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, fraction: float = 0.35) -> int:
+    """How many calibration samples one block forward may take: all of them if they fit in ``fraction`` of the
+    free memory of the model's device, else as many as fit (at least 1)."""
+    device = model_device(model)
+    budget = available_memory_bytes(device) * fraction
+    per_sample = estimate_block_bytes_per_sample(model, seqlen)
+    return int(max(1, min(nsamples, budget // max(per_sample, 1))))
+
+
+@dataclass
+class BlockStep:
+    """One block of the walk: its index, module, the inputs of every chunk, and how to call it."""
+
+    engine: BlockwiseEngine
+    index: int
+    block: nn.Module
+    inputs: list[torch.Tensor]
+    calls: list[BlockCall]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = True, block: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """Run the block (or a stand-in) over every chunk; return the outputs, or None if not kept."""
+        block = block if block is not None else self.block
+        outputs = []
+        for hidden, call in zip(self.inputs, self.calls):
+            out = call.invoke(block, hidden)
+            if keep_outputs:
+                outputs.append(out.to(hidden.device))
+        return outputs if keep_outputs else None
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.inputs)
+
+
+class BlockwiseEngine:
+    """Walks a model's decoder blocks over calibration inputs, holding one block's activations at a time.
+
+    Args:
+        model: the model (any device placement, accelerate ``device_map`` included).
+        adapter: where its blocks are.
+        batches: model inputs of every chunk, e.g. ``[{"input_ids": ids[0:8]}, {"input_ids": ids[8:16]}]``.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: Sequence[dict[str, torch.Tensor]]):
+        self.model = model
+        self.adapter = adapter
+        self.batches = list(batches)
+        self._inputs: list[torch.Tensor] | None = None
+        self._calls: list[list[BlockCall]] | None = None
+
+    @classmethod
+    def from_input_ids(
+        cls, model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int | None = None
+    ) -> BlockwiseEngine:
+        n, seqlen = input_ids.shape
+        if not batch_size:
+            batch_size = auto_batch_size(model, n, seqlen)
+        batches = [{"input_ids": input_ids[i : i + batch_size]} for i in range(0, n, batch_size)]
+        if len(batches) > 1:
+            logger.info("Calibration runs in %d chunks of up to %d samples.", len(batches), batch_size)
+        return cls(model, adapter, batches)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.batches)
+
+    # ------------------------------------------------------------------ capture
+    @torch.no_grad()
+    def capture(self) -> None:
+        blocks = self.adapter.blocks
+        n_blocks = len(blocks)
+        calls: list[list[BlockCall]] = [[] for _ in range(n_blocks)]
+        inputs: list[torch.Tensor] = []
+        saved = [block.__dict__.get("forward") for block in blocks]
+
+        def make_recorder(i: int) -> Callable:
+            def recorder(*args, **kwargs):
+                if args:
+                    hidden, rest, key = args[0], tuple(args[1:]), 0
+                else:
+                    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                    hidden, rest = kwargs.pop(key), ()
+                calls[i].append(BlockCall(rest, kwargs, key))
+                if i == 0:
+                    inputs.append(hidden.detach())
+                if i == n_blocks - 1:
+                    raise _StopForward
+                return hidden
+
+            return recorder
+
+        device = model_device(self.model)
+        try:
+            for i, block in enumerate(blocks):
+                block.forward = make_recorder(i)
+            for batch in self.batches:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                try:
+                    self.model(**batch, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            for block, original in zip(blocks, saved):
+                if original is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = original
+        if len(inputs) != len(self.batches) or any(len(c) != len(self.batches) for c in calls):
+            raise RuntimeError(
+                "The capture pass did not reach every decoder block once per chunk; this model's forward does not "
+                "call its blocks in order. Please report the architecture."
+            )
+        self._inputs, self._calls = inputs, calls
+
+    # ------------------------------------------------------------------ walk
+    def walk(self, desc: str = "blocks") -> Iterator[BlockStep]:
+        """Yield one BlockStep per block. After each step, ``step.outputs`` (or, if the visitor left it unset,
+        a plain forward of the block) becomes the next block's inputs."""
+        if self._inputs is None:
+            self.capture()
+        inputs = self._inputs
+        self._inputs = None  # the engine hands its only copy of the activations to the walk
+        bar = tqdm(range(self.adapter.num_blocks), desc=desc, leave=False)
+        for i in bar:
+            step = BlockStep(self, i, self.adapter.blocks[i], inputs, self._calls[i])
+            yield step
+            outputs = step.info.pop("outputs", None)
+            if outputs is None:
+                outputs = step.forward()
+            inputs = outputs
+        self.final_hidden = inputs
+
+    def run(self, visit: Callable[[BlockStep], list[torch.Tensor] | None], desc: str = "blocks") -> list[torch.Tensor]:
+        """Call ``visit(step)`` for every block; its return value (if not None) is the block's outputs."""
+        for step in self.walk(desc):
+            outputs = visit(step)
+            if outputs is not None:
+                step.info["outputs"] = outputs
+        return self.final_hidden
+
+
+@contextmanager
+def hooks(handles_factory: Callable[[], list[torch.utils.hooks.RemovableHandle]]):
+    """Register hooks for the duration of a with-block, removing them even if the block raises."""
+    handles = handles_factory()
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()

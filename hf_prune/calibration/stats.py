@@ -1,0 +1,69 @@
+"""Running statistics of a linear's inputs, in float32, with memory proportional to in_features (or its square).
+
+Each accumulator takes activations of shape (..., in_features) and never keeps them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputNormStats:
+    """Sum over tokens of x_j^2 per input channel: Wanda's ||X_j||_2^2."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sq_sum.device, dtype=torch.float32)
+        self.sq_sum += (x * x).sum(dim=0)
+        self.tokens += x.shape[0]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self.sq_sum.sqrt()
+
+
+class HessianStats:
+    """H = 2/n * sum_t x_t x_t^T, kept as a running average (SparseGPT's layer-wise Hessian)."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
+        n = x.shape[0]
+        total = self.tokens + n
+        self.H *= self.tokens / total
+        x = x * (2.0 / total) ** 0.5
+        self.H.addmm_(x.t(), x)
+        self.tokens = total
+
+    @property
+    def diag_sq_sum(self) -> torch.Tensor:
+        """sum_t x_j^2 recovered from the diagonal (for Wanda-style scores on a Hessian)."""
+        return self.H.diagonal() * self.tokens / 2.0
+
+
+class CosineStats:
+    """Mean cosine similarity between two hidden-state streams, over all tokens or the last token of each row."""
+
+    def __init__(self, last_token_only: bool = False):
+        self.last_token_only = last_token_only
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.last_token_only:
+            a, b = a[:, -1, :], b[:, -1, :]
+        a = a.reshape(-1, a.shape[-1]).float()
+        b = b.reshape(-1, b.shape[-1]).to(a.device).float()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+        self.total += float(cos.double().sum())
+        self.count += cos.numel()
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)

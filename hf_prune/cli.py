@@ -1,0 +1,211 @@
+"""``hf-prune``: the command line over the same Python API.
+
+    hf-prune prune --model M --method wanda --sparsity 0.5 --structure 2:4 --nsamples 32 --seqlen 512 --seed 0 \\
+                   --calib fortunes --output out/m-wanda
+    hf-prune run configs/wanda_2of4.yaml
+    hf-prune ppl --model out/m-wanda --text wikipedia --seqlen 512 --max-windows 32
+    hf-prune demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from .errors import HFPruneError
+from .utils import setup_logging
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "dtype", None):
+        import torch
+
+        kwargs["dtype"] = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if getattr(args, "device_map", None):
+        kwargs["device_map"] = args.device_map
+    if getattr(args, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
+    if getattr(args, "revision", None):
+        kwargs["revision"] = args.revision
+    return kwargs
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="local folder, Hub id, or packaged:<name>")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype when loading")
+    p.add_argument("--device-map", help="accelerate device_map, e.g. auto, cpu, cuda:0")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _step_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    step: dict[str, Any] = {"method": args.method}
+    if args.sparsity is not None:
+        step["sparsity"] = args.sparsity
+    if args.structure:
+        step["structure"] = args.structure
+    if args.targets:
+        step["targets"] = args.targets
+    if args.ignore:
+        step["ignore"] = args.ignore
+    for kv in args.set or []:
+        key, _, value = kv.partition("=")
+        if not _:
+            raise HFPruneError(f"--set expects key=value, got {kv!r}")
+        import yaml
+
+        step[key] = yaml.safe_load(value)
+    return step
+
+
+def _finish(pruner, recipe, output: str | None, overwrite: bool, report_json: str | None) -> None:
+    report = pruner.prune()
+    print(report.to_markdown())
+    if report_json:
+        report.to_json(report_json)
+    out = output or recipe.output.dir
+    if out:
+        path = pruner.save_pretrained(out, overwrite=overwrite or recipe.output.overwrite)
+        print(f"Saved pruned model to {path}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .pruner import HFPruner
+    from .recipe import Recipe
+
+    recipe_dict: dict[str, Any] = {
+        "model": args.model,
+        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seed": args.seed},
+        "steps": [_step_from_args(args)],
+    }
+    if args.seqlen:
+        recipe_dict["calibration"]["seqlen"] = args.seqlen
+    if args.batch_size:
+        recipe_dict["calibration"]["batch_size"] = args.batch_size
+    if args.eval:
+        recipe_dict["eval"] = {"source": args.eval_text, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows}
+    recipe = Recipe.from_dict(recipe_dict)
+    pruner = HFPruner.from_pretrained(args.model, recipe=recipe, **_model_kwargs(args))
+    _finish(pruner, recipe, args.output, args.overwrite, args.report_json)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pruner import HFPruner
+    from .recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe)
+    if args.model:
+        recipe.model = args.model
+    pruner = HFPruner.from_pretrained(recipe.model, recipe=recipe, **_model_kwargs(args))
+    _finish(pruner, recipe, args.output, args.overwrite, args.report_json)
+
+
+def cmd_ppl(args: argparse.Namespace) -> None:
+    from .eval.perplexity import PERPLEXITY_CONVENTION, perplexity
+    from .pruner import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, **_model_kwargs(args))
+    ppl = perplexity(model, tokenizer, args.text, args.seqlen, args.max_windows, args.batch_size)
+    result = {
+        "model": args.model,
+        "text": args.text,
+        "seqlen": args.seqlen,
+        "max_windows": args.max_windows,
+        "perplexity": ppl,
+        "convention": PERPLEXITY_CONVENTION,
+    }
+    print(
+        json.dumps(result, indent=2)
+        if args.json
+        else f"perplexity {ppl:.4f}  ({args.text}, seqlen {args.seqlen}, first {args.max_windows} windows)"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(output_root=args.output, quick=args.quick)
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from .registry import available_methods, get_method
+
+    for name in available_methods():
+        doc = (get_method(name).method_cls.__doc__ or "").strip().splitlines()
+        print(f"{name:12s} {doc[0] if doc else ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-prune", description="Post-training pruning of Hugging Face models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model with one method")
+    _add_model_args(p)
+    p.add_argument("--method", required=True, help="magnitude, wanda, ... (hf-prune methods)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights removed per target linear, in [0, 1)")
+    p.add_argument("--structure", help="unstructured (default) or N:M such as 2:4")
+    p.add_argument("--targets", nargs="+", help="roles (q k v o gate up down ...) or regexes to prune")
+    p.add_argument("--ignore", nargs="+", help="roles or regexes to leave dense")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="other step keys, e.g. --set true_sequential=false")
+    p.add_argument("--calib", default="fortunes", help="calibration text: built-in name, file/folder, or dataset id")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default min(2048, model max))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="calibration samples per block forward (default: automatic)")
+    p.add_argument("--eval", action="store_true", help="measure perplexity before and after")
+    p.add_argument("--eval-text", default="wikipedia")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--output", help="folder to save the pruned model into")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--report-json", help="also write the report as JSON here")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("run", help="run a YAML recipe")
+    p.add_argument("recipe", help="path of the recipe (configs/*.yaml)")
+    _add_model_args(p, required=False)
+    p.add_argument("--output", help="override the recipe's output.dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--report-json")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("ppl", help="perplexity of a model on a text")
+    _add_model_args(p)
+    p.add_argument("--text", default="wikipedia", help="built-in name, file/folder, or dataset id")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=32, help="first N windows (0 = all)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("demo", help="prune the packaged SmolLM2 with Wanda 50%% and 2:4 and print a table")
+    p.add_argument("--output", default="out/demo", help="where the demo saves its models")
+    p.add_argument("--quick", action="store_true", help="8 x 256 calibration tokens and 8 eval windows")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the pruning methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "max_windows", None) == 0:
+        args.max_windows = None
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except HFPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

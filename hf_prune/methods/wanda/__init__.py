@@ -1,0 +1,3 @@
+from .method import WandaConfig, WandaMethod
+
+__all__ = ["WandaConfig", "WandaMethod"]

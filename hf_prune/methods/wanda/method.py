@@ -1,0 +1,41 @@
+"""Wanda: pruning by weights and activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...adapters import LinearRef, in_features
+from ...calibration.stats import InputNormStats
+from ..base import WeightPruningConfig, WeightPruningMethod
+from ..masks import Structure, select_mask
+from .scores import wanda_scores
+
+
+@dataclass
+class WandaConfig(WeightPruningConfig):
+    """Wanda (Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language Models", ICLR 2024).
+
+    Scores every weight by |W_ij| * ||X_j||_2 and removes the lowest scores of each output row (or N of every M).
+
+    Example recipe::
+
+        calibration: {source: fortunes, nsamples: 128, seqlen: 2048, seed: 0}
+        steps:
+          - {method: wanda, sparsity: 0.5}              # or structure: "2:4"
+    """
+
+    method: str = "wanda"
+
+
+class WandaMethod(WeightPruningMethod):
+    """Wanda: |W| * ||X|| per input channel, compared per output row as in the paper."""
+
+    comparison_group = "row"
+
+    def make_stats(self, ref: LinearRef) -> InputNormStats:
+        return InputNormStats(in_features(ref.module), ref.module.weight.device)
+
+    def prune_weight(self, weight: torch.Tensor, stats: InputNormStats, sparsity: float, structure: Structure):
+        return None, select_mask(wanda_scores(weight, stats.norms), sparsity, structure, "row")

@@ -1,0 +1,200 @@
+"""HFPruner: the one public entry point (from_pretrained / prune / save_pretrained / perplexity)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import ModelAdapter
+from .assets import is_packaged, resolve_packaged_model
+from .checkpoint import assert_finite_parameters, atomic_write_folder, check_output_dir
+from .errors import PruningCheckError, RecipeError
+from .eval.perplexity import PERPLEXITY_CONVENTION, perplexity
+from .methods.base import PruneContext, PruningMethod
+from .recipe import EvalConfig, Recipe
+from .registry import get_method
+from .report import PruningReport, count_parameters
+from .utils import logger, peak_cuda_bytes, peak_rss_bytes
+
+PRUNING_CONFIG_KEY = "pruning_config"
+
+
+def resolve_model_path(model_id_or_path: str) -> str:
+    """A local folder or Hub id is returned as is; ``packaged:<name>`` is converted once and cached."""
+    return resolve_packaged_model(model_id_or_path) if is_packaged(model_id_or_path) else model_id_or_path
+
+
+def load_model_and_tokenizer(model_id_or_path: str, *, tokenizer: Any = None, **model_kwargs) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model_id_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+    model.eval()
+    return model, tokenizer
+
+
+class HFPruner:
+    """Prune a Hugging Face causal LM with a recipe, block by block.
+
+    Args:
+        model: a loaded ``transformers`` model (any device placement).
+        tokenizer: its tokenizer (needed for calibration and perplexity).
+        recipe: a ``Recipe``, a dict, a YAML string or the path of a YAML file.
+
+    Example::
+
+        pruner = HFPruner.from_pretrained("HuggingFaceTB/SmolLM2-135M", recipe="configs/wanda_2of4.yaml")
+        report = pruner.prune()
+        pruner.save_pretrained("out/")
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, recipe: Recipe | dict | str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.recipe = Recipe.load(recipe)
+        self.adapter = ModelAdapter(model)
+        self.report: PruningReport | None = None
+        self._source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+        self._applied: list[PruningMethod] = []
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | None = None,
+        recipe: Recipe | dict | str | None = None,
+        *,
+        tokenizer: Any = None,
+        **model_kwargs,
+    ) -> HFPruner:
+        """Load a model (local folder, Hub id, or ``packaged:<name>``) and its tokenizer.
+
+        Args:
+            model_id_or_path: the model; defaults to the recipe's ``model``.
+            recipe: the recipe (object, dict, YAML string or path).
+            tokenizer: a tokenizer to use instead of the model's own.
+            **model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``,
+                ``trust_remote_code``, ``revision``, ...).
+        """
+        recipe = Recipe.load(recipe)
+        model_id = model_id_or_path or recipe.model
+        if not model_id:
+            raise RecipeError("No model given: pass model_id_or_path or set 'model:' in the recipe.")
+        model, tokenizer = load_model_and_tokenizer(model_id, tokenizer=tokenizer, **model_kwargs)
+        pruner = cls(model, tokenizer, recipe)
+        pruner._source = resolve_model_path(model_id)
+        return pruner
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self) -> PruningReport:
+        """Run every step of the recipe (after checking all of them against the model) and return the report."""
+        recipe = self.recipe
+        if not recipe.steps:
+            raise RecipeError("The recipe has no steps. Add e.g. steps: [{method: wanda, sparsity: 0.5}].")
+        start = time.perf_counter()
+        ctx = PruneContext(self.model, self.tokenizer, self.adapter, recipe.calibration)
+        methods = [get_method(step.method).method_cls(step) for step in recipe.steps]
+        for method in methods:
+            method.preflight(ctx)
+
+        total, nonzero = count_parameters(self.model)
+        report = PruningReport(
+            model=str(self._source or type(self.model).__name__),
+            family=self.adapter.family,
+            num_blocks=self.adapter.num_blocks,
+            params_before=total,
+            nonzero_before=nonzero,
+        )
+        if recipe.eval is not None and recipe.eval.dense:
+            report.evaluation["perplexity_dense"] = self._eval_perplexity(recipe.eval)
+
+        for method in methods:
+            logger.info("Step %d/%d: %s", len(report.steps) + 1, len(methods), method.config.method)
+            step_report = method.run(ctx)
+            report.steps.append(step_report)
+            self._applied.append(method)
+            self.adapter = ctx.adapter = ModelAdapter(self.model)  # a step may have changed the structure
+        report.calibration = ctx.calibration_info
+        self._check_outputs_finite(ctx)
+
+        report.params_after, report.nonzero_after = count_parameters(self.model)
+        report.time_s = time.perf_counter() - start
+        report.peak_rss_bytes = peak_rss_bytes()
+        report.peak_cuda_bytes = peak_cuda_bytes()
+        if recipe.eval is not None:
+            report.evaluation["perplexity"] = self._eval_perplexity(recipe.eval)
+            report.evaluation["perplexity_convention"] = (
+                f"{recipe.eval.source}, seqlen {recipe.eval.seqlen}, first {recipe.eval.max_windows} windows; "
+                + PERPLEXITY_CONVENTION
+            )
+        self.report = report
+        self._record_pruning_config()
+        return report
+
+    @torch.no_grad()
+    def _check_outputs_finite(self, ctx: PruneContext) -> None:
+        if ctx._windows is not None:
+            ids = ctx._windows[:1, : min(ctx._windows.shape[1], 256)]
+        elif self.tokenizer is not None:
+            ids = self.tokenizer("The pruned model must still produce finite logits.", return_tensors="pt")[
+                "input_ids"
+            ]
+        else:
+            ids = torch.arange(16).unsqueeze(0)
+        from .calibration.engine import model_device
+
+        logits = self.model(input_ids=ids.to(model_device(self.model)), use_cache=False).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise PruningCheckError("The pruned model produces NaN/inf logits; nothing is saved.")
+
+    def _eval_perplexity(self, cfg: EvalConfig) -> float:
+        return perplexity(self.model, self.tokenizer, cfg.source, cfg.seqlen, cfg.max_windows, cfg.batch_size)
+
+    def _record_pruning_config(self) -> None:
+        steps = [m.pruning_config() for m in self._applied]
+        first = steps[0] if steps else {}
+        entry = {
+            "method": "+".join(s["method"] for s in steps),
+            "sparsity": first.get("sparsity"),
+            "structure": first.get("structure"),
+            "steps": steps,
+            "calibration": self.report.calibration if self.report else None,
+            "hf_prune_version": __version__,
+        }
+        setattr(self.model.config, PRUNING_CONFIG_KEY, entry)
+
+    # ------------------------------------------------------------------ evaluation
+    def perplexity(self, source: Any = "wikipedia", seqlen: int = 512, max_windows: int | None = 32, **kw) -> float:
+        """Perplexity of the current model (see ``hf_prune.eval.PERPLEXITY_CONVENTION``)."""
+        return perplexity(self.model, self.tokenizer, source, seqlen, max_windows, **kw)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
+        """Save a normal HF checkpoint (+ tokenizer, + ``pruning_report.json``) that reloads with
+        ``AutoModelForCausalLM.from_pretrained``. The folder appears complete or not at all.
+
+        Args:
+            save_directory: the output folder (new or empty, unless ``overwrite``).
+            overwrite: replace a non-empty folder (never the folder the model was loaded from).
+            **kwargs: passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
+        """
+        check_output_dir(save_directory, overwrite, [self._source])
+        assert_finite_parameters(self.model)
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(str(tmp), **kwargs)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
+            if self.report is not None:
+                self.report.to_json(str(tmp / "pruning_report.json"))
+
+        out = atomic_write_folder(save_directory, write, overwrite)
+        logger.info("Saved the pruned model to %s", out)
+        return out

@@ -1,0 +1,68 @@
+"""Small helpers shared by the orchestration code: logging, memory and timing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+logger = logging.getLogger("hf_prune")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send hf_prune's log records to stderr once (the CLI calls this; library users configure logging themselves)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[hf_prune] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_cuda_bytes() -> int | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
+    return None
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory still free on `device` (CUDA free memory, or the host's available RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@contextmanager
+def timed(store: dict, key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        store[key] = store.get(key, 0.0) + time.perf_counter() - start
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cache_dir() -> str:
+    """Where hf_prune keeps converted packaged models: $HF_PRUNE_CACHE, else ~/.cache/hf_prune."""
+    return os.environ.get("HF_PRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_prune"))
