@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import ModelAdapter
 from ..utils import available_memory_bytes, logger
+from .offload import onloaded
 
 
 class _StopForward(Exception):
@@ -192,10 +193,11 @@ class BlockwiseEngine:
         bar = tqdm(range(self.adapter.num_blocks), desc=desc, leave=False)
         for i in bar:
             step = BlockStep(self, i, self.adapter.blocks[i], inputs, self._calls[i])
-            yield step
-            outputs = step.info.pop("outputs", None)
-            if outputs is None:
-                outputs = step.forward()
+            with onloaded(step.block):  # offloaded weights stay materialized while the block is worked on
+                yield step
+                outputs = step.info.pop("outputs", None)
+                if outputs is None:
+                    outputs = step.forward()
             inputs = outputs
         self.final_hidden = inputs
 

@@ -22,6 +22,7 @@ from ..adapters import LINEAR_ROLES, LinearRef, ModelAdapter, in_features, weigh
 from ..calibration.config import DEFAULT_SEQLEN, CalibrationConfig
 from ..calibration.data import calibration_batch
 from ..calibration.engine import BlockStep, BlockwiseEngine, hooks
+from ..calibration.offload import onloaded
 from ..configuration import StrictConfig
 from ..errors import PruningCheckError, RecipeError
 from ..report import ModuleReport, StepReport
@@ -243,7 +244,8 @@ class WeightPruningMethod(PruningMethod):
 
         if not self.needs_calibration:
             for i, block_refs in by_block.items():
-                report.modules += [self._prune_ref(r, None, sparsities[i]) for r in block_refs]
+                with onloaded(ctx.adapter.blocks[i]):
+                    report.modules += [self._prune_ref(r, None, sparsities[i]) for r in block_refs]
         else:
             engine = ctx.engine()
             sequential = self.config.true_sequential and engine.num_chunks == 1
