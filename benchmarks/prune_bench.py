@@ -31,6 +31,16 @@ CONFIGS: dict[str, list[dict]] = {
     "wanda-4of8": [{"method": "wanda", "structure": "4:8"}],
     "wanda-60": [{"method": "wanda", "sparsity": 0.6}],
     "wanda-70": [{"method": "wanda", "sparsity": 0.7}],
+    "wanda-60-owl": [{"method": "wanda", "sparsity": 0.6, "sparsity_profile": "owl"}],
+    "wanda-70-owl": [{"method": "wanda", "sparsity": 0.7, "sparsity_profile": "owl"}],
+    "sparsegpt-50": [{"method": "sparsegpt", "sparsity": 0.5}],
+    "sparsegpt-50-parallel": [{"method": "sparsegpt", "sparsity": 0.5, "true_sequential": False}],
+    "sparsegpt-2of4": [{"method": "sparsegpt", "structure": "2:4"}],
+    "sparsegpt-4of8": [{"method": "sparsegpt", "structure": "4:8"}],
+    "sparsegpt-60": [{"method": "sparsegpt", "sparsity": 0.6}],
+    "sparsegpt-70": [{"method": "sparsegpt", "sparsity": 0.7}],
+    "sparsegpt-60-owl": [{"method": "sparsegpt", "sparsity": 0.6, "sparsity_profile": "owl"}],
+    "sparsegpt-70-owl": [{"method": "sparsegpt", "sparsity": 0.7, "sparsity_profile": "owl"}],
 }
 
 

@@ -46,3 +46,15 @@ class StrictConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def non_default_dict(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (what a user actually asked for)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+            )
+            value = getattr(self, f.name)
+            if value != default:
+                out[f.name] = value
+        return out

@@ -25,6 +25,7 @@ class ModuleReport:
 class StepReport:
     method: str
     config: dict[str, Any]
+    settings: dict[str, Any] = field(default_factory=dict)  # the keys the user set (non-default), for display
     time_s: float = 0.0
     modules: list[ModuleReport] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +105,7 @@ class PruningReport:
             "|---|---|---|---|---|---|",
         ]
         for i, s in enumerate(self.steps):
-            settings = ", ".join(f"{k}={v}" for k, v in s.config.items() if k != "method" and v not in (None, [], {}))
+            settings = ", ".join(f"{k}={v}" for k, v in (s.settings or s.config).items() if k != "method")
             sp = s.sparsity
             lines.append(
                 f"| {i} | {s.method} | {settings} | {len(s.modules)} | "

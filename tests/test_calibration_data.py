@@ -39,8 +39,13 @@ def test_local_files(tmp_path, tokenizer):
         load_documents(str(tmp_path / "c.json"))
     (tmp_path / "c.json").unlink()
     folder_docs, _ = load_documents(str(tmp_path))
-    assert folder_docs == ["First paragraph here.", "Second paragraph there.", "json line 0", "json line 1",
-                           "json line 2"]
+    assert folder_docs == [
+        "First paragraph here.",
+        "Second paragraph there.",
+        "json line 0",
+        "json line 1",
+        "json line 2",
+    ]
 
 
 def test_hf_dataset_builder_from_local_files(tmp_path):

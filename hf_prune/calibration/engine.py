@@ -211,9 +211,8 @@ class BlockwiseEngine:
 
 
 @contextmanager
-def hooks(handles_factory: Callable[[], list[torch.utils.hooks.RemovableHandle]]):
-    """Register hooks for the duration of a with-block, removing them even if the block raises."""
-    handles = handles_factory()
+def hooks(handles: list[torch.utils.hooks.RemovableHandle]):
+    """Remove the given hook handles when the with-block ends, even if it raises."""
     try:
         yield handles
     finally:

@@ -55,12 +55,12 @@ def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
 def _write_back(weights_map, name: str, tensor: torch.Tensor) -> None:
     dataset = getattr(weights_map, "dataset", None)
     prefix = getattr(weights_map, "prefix", "")
-    # cpu_offload: a plain dict of CPU tensors; device_map offload: an OffloadedWeightsLoader (state_dict + disk index).
+    # cpu_offload: a dict of CPU tensors; device_map offload: an OffloadedWeightsLoader (state_dict + disk index).
     store = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None)
     if not isinstance(store, dict):
         raise UnsupportedModelError(
-            f"Cannot write the pruned '{prefix}{name}' back into this model's offload map ({type(weights_map).__name__})."
-            " Load the model without offloading, or use the streaming mode."
+            f"Cannot write the pruned '{prefix}{name}' back into this model's offload map "
+            f"({type(weights_map).__name__}). Load the model without offloading, or use the streaming mode."
         )
     key = f"{prefix}{name}"
     value = tensor.detach().to("cpu")

@@ -2,9 +2,18 @@
 
 from ..registry import register_method
 from .magnitude import MagnitudeConfig, MagnitudeMethod
+from .sparsegpt import SparseGPTConfig, SparseGPTMethod
 from .wanda import WandaConfig, WandaMethod
 
 register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
 register_method("wanda", WandaConfig, WandaMethod)
+register_method("sparsegpt", SparseGPTConfig, SparseGPTMethod)
 
-__all__ = ["MagnitudeConfig", "MagnitudeMethod", "WandaConfig", "WandaMethod"]
+__all__ = [
+    "MagnitudeConfig",
+    "MagnitudeMethod",
+    "SparseGPTConfig",
+    "SparseGPTMethod",
+    "WandaConfig",
+    "WandaMethod",
+]

@@ -121,6 +121,11 @@ class WeightPruningConfig(StepConfig):
         ignore: roles or regexes to leave dense.
         true_sequential: score each linear on the inputs of the already pruned part of its block (one forward per
             block when the calibration batch fits in memory); False scores every linear on the dense block's inputs.
+        sparsity_profile: ``uniform`` (every block at ``sparsity``) or ``owl``: outlier-weighted layerwise sparsity
+            (Yin et al., 2024), blocks with more activation outliers kept denser, averaging to ``sparsity``.
+        owl_m: OWL's outlier threshold, a multiple of the block's mean |W| * ||X|| score.
+        owl_lambda: OWL's lambda: block sparsities span at most 2 * lambda, each within ``sparsity`` +- 2 * lambda
+            (+- lambda when the outlier ratios spread evenly), and average exactly to ``sparsity``.
     """
 
     sparsity: float | None = None
@@ -128,6 +133,9 @@ class WeightPruningConfig(StepConfig):
     targets: list[str] | None = None
     ignore: list[str] = field(default_factory=list)
     true_sequential: bool = True
+    sparsity_profile: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
     def validate(self) -> None:
         try:
@@ -148,6 +156,22 @@ class WeightPruningConfig(StepConfig):
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}.")
         self.sparsity = float(self.sparsity)
+        if self.sparsity_profile not in ("uniform", "owl"):
+            raise RecipeError(f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}.")
+        if self.sparsity_profile == "owl":
+            if structure.is_nm:
+                raise RecipeError(
+                    f"sparsity_profile: owl gives each block its own sparsity, but {structure} fixes every block at "
+                    f"{structure.sparsity:g}. Use structure: unstructured with OWL, or drop sparsity_profile."
+                )
+            lam = self.owl_lambda
+            if not 0 < lam or self.sparsity + 2 * lam >= 1 or self.sparsity - 2 * lam < 0:
+                raise RecipeError(
+                    f"owl_lambda={lam} must be > 0 and keep sparsity +- 2 * owl_lambda inside [0, 1) "
+                    f"(sparsity={self.sparsity}); lower owl_lambda."
+                )
+            if not self.owl_m > 0:
+                raise RecipeError(f"owl_m must be > 0, got {self.owl_m}.")
         for key in ("targets", "ignore"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
@@ -210,9 +234,10 @@ class WeightPruningMethod(PruningMethod):
 
     @abstractmethod
     def prune_weight(
-        self, weight: torch.Tensor, stats, sparsity: float, structure: Structure
+        self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, name: str
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Given the (out, in) float32 weight and statistics, return (new weight or None, mask of pruned entries)."""
+        """Given the (out, in) float32 weight and statistics of the linear ``name``, return
+        (new weight or None, mask of pruned entries)."""
 
     # ---- orchestration ----------------------------------------------------------------------------------
     def preflight(self, ctx: PruneContext) -> None:
@@ -227,18 +252,28 @@ class WeightPruningMethod(PruningMethod):
                     f"['{bad[0].role}']."
                 )
 
-    def block_sparsities(self, ctx: PruneContext, refs_by_block: dict[int, list[LinearRef]]) -> dict[int, float]:
-        """Sparsity per block; uniform here (OWL overrides through ``sparsity_profile``)."""
-        return {i: self.config.sparsity for i in refs_by_block}
+    def block_sparsities(
+        self, ctx: PruneContext, refs_by_block: dict[int, list[LinearRef]], report: StepReport
+    ) -> dict[int, float]:
+        """Sparsity per block: uniform, or OWL's outlier-weighted profile (one extra dense pass to measure it)."""
+        if self.config.sparsity_profile != "owl":
+            return {i: self.config.sparsity for i in refs_by_block}
+        from .owl import measure_outlier_ratios, owl_sparsities
+
+        ratios = measure_outlier_ratios(ctx.engine(), refs_by_block, self.config.owl_m)
+        blocks = sorted(ratios)
+        values = owl_sparsities([ratios[i] for i in blocks], self.config.sparsity, self.config.owl_lambda)
+        report.details["owl_outlier_ratio"] = {i: round(ratios[i], 6) for i in blocks}
+        return dict(zip(blocks, values))
 
     def run(self, ctx: PruneContext) -> StepReport:
         start = time.perf_counter()
-        report = StepReport(self.config.method, self.config.to_dict())
+        report = StepReport(self.config.method, self.config.to_dict(), self.config.non_default_dict())
         refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
         by_block: dict[int, list[LinearRef]] = {}
         for ref in refs:
             by_block.setdefault(int(ref.name[len(ctx.adapter.blocks_path) + 1 :].split(".")[0]), []).append(ref)
-        sparsities = self.block_sparsities(ctx, by_block)
+        sparsities = self.block_sparsities(ctx, by_block, report)
         if sparsities and len(set(sparsities.values())) > 1:
             report.details["block_sparsity"] = {int(k): round(v, 6) for k, v in sparsities.items()}
 
@@ -284,7 +319,7 @@ class WeightPruningMethod(PruningMethod):
 
             return hook
 
-        with hooks(lambda: [r.module.register_forward_pre_hook(make_hook(r)) for r in refs]):
+        with hooks([r.module.register_forward_pre_hook(make_hook(r)) for r in refs]):
             outputs = step.forward()
         self._prune_missed(refs, done, sparsity, report)
         return outputs
@@ -303,8 +338,9 @@ class WeightPruningMethod(PruningMethod):
 
             return hook
 
-        with hooks(lambda: [r.module.register_forward_pre_hook(make_hook(r)) for r in refs]):
+        with hooks([r.module.register_forward_pre_hook(make_hook(r)) for r in refs]):
             step.forward(keep_outputs=False)
+        by_input.clear()  # from here on each statistics object is referenced by its linears only, and freed with them
         done = set()
         for ref in refs:
             shared = assigned.pop(ref.name, None)
@@ -315,6 +351,8 @@ class WeightPruningMethod(PruningMethod):
         self._prune_missed(refs, done, sparsity, report)
 
     def _shared_for(self, x: torch.Tensor, ref: LinearRef, by_input: dict[int, _SharedStats]) -> _SharedStats:
+        for key in [k for k, v in by_input.items() if v._last is not None and v._last() is None]:
+            del by_input[key]  # its input is gone, so no later linear can share these statistics: free them
         shared = by_input.get(id(x))
         if shared is None or not shared.holds(x):
             shared = by_input[id(x)] = _SharedStats(self.make_stats(ref))
@@ -334,7 +372,7 @@ class WeightPruningMethod(PruningMethod):
     def _prune_ref(self, ref: LinearRef, stats, sparsity: float) -> ModuleReport:
         structure = self.config.parsed_structure
         weight = weight_out_in(ref.module)
-        new_weight, mask = self.prune_weight(weight.float(), stats, sparsity, structure)
+        new_weight, mask = self.prune_weight(weight.float().contiguous(), stats, sparsity, structure, ref.name)
         if new_weight is not None:
             weight.copy_(new_weight.to(weight.dtype).masked_fill(mask, 0))
         else:

@@ -45,5 +45,5 @@ class MagnitudeMethod(WeightPruningMethod):
         super().__init__(config)
         self.comparison_group = config.group
 
-    def prune_weight(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure):
+    def prune_weight(self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, name: str):
         return None, select_mask(weight.abs(), sparsity, structure, self.comparison_group)

@@ -37,5 +37,7 @@ class WandaMethod(WeightPruningMethod):
     def make_stats(self, ref: LinearRef) -> InputNormStats:
         return InputNormStats(in_features(ref.module), ref.module.weight.device)
 
-    def prune_weight(self, weight: torch.Tensor, stats: InputNormStats, sparsity: float, structure: Structure):
+    def prune_weight(
+        self, weight: torch.Tensor, stats: InputNormStats, sparsity: float, structure: Structure, name: str
+    ):
         return None, select_mask(wanda_scores(weight, stats.norms), sparsity, structure, "row")

@@ -1,0 +1,56 @@
+"""OWL: outlier-weighted layerwise sparsity (Yin et al., "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret
+Sauce for Pruning LLMs to High Sparsity", ICML 2024).
+
+Per block, the outlier ratio D is the fraction of Wanda scores |W_ij| * ||X_j|| (over all the block's target
+linears together) above ``M`` times their mean, measured in one pass over the DENSE model. Blocks with more outliers
+keep more weights: the ratios are min-max scaled to [0, 2*lambda], centred on their mean, and added to the target
+density (as in the paper's code), so block sparsities span at most 2*lambda and average exactly to the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import LinearRef, in_features, weight_out_in
+from ..calibration.engine import BlockwiseEngine, hooks
+from ..calibration.stats import InputNormStats
+from .wanda.scores import wanda_scores
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """Fraction of all entries of ``scores`` (taken together) above ``m`` times their mean."""
+    flat = torch.cat([s.flatten().float() for s in scores])
+    return float((flat > m * flat.mean()).sum()) / flat.numel()
+
+
+def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float]:
+    """Block sparsities from outlier ratios: more outliers, less sparsity; spread <= 2*lam; mean = target."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = r.max() - r.min()
+    if len(ratios) < 2 or float(spread) == 0.0:
+        return [target] * len(ratios)
+    scaled = (r - r.min()) / spread * (2 * lam)
+    density = scaled - scaled.mean() + (1.0 - target)
+    return [float(1.0 - d) for d in density]
+
+
+def _updater(stats: InputNormStats):
+    return lambda module, args: stats.update(args[0])
+
+
+@torch.no_grad()
+def measure_outlier_ratios(
+    engine: BlockwiseEngine, refs_by_block: dict[int, list[LinearRef]], m: float
+) -> dict[int, float]:
+    """One dense pass: each block's outlier ratio of Wanda scores over its target linears."""
+    ratios: dict[int, float] = {}
+    for step in engine.walk(desc="owl: outlier ratios"):
+        refs = refs_by_block.get(step.index)
+        if not refs:
+            continue
+        stats = {r.name: InputNormStats(in_features(r.module), r.module.weight.device) for r in refs}
+        with hooks([r.module.register_forward_pre_hook(_updater(stats[r.name])) for r in refs]):
+            step.info["outputs"] = step.forward()
+        scores = [wanda_scores(weight_out_in(r.module).float(), stats[r.name].norms) for r in refs]
+        ratios[step.index] = outlier_ratio(scores, m)
+    return ratios

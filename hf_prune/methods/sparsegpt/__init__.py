@@ -1,0 +1,3 @@
+from .method import SparseGPTConfig, SparseGPTMethod
+
+__all__ = ["SparseGPTConfig", "SparseGPTMethod"]

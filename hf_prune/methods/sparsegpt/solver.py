@@ -1,0 +1,130 @@
+"""SparseGPT's layer-wise solver, pure tensor code (no transformers import).
+
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (ICML 2023).
+
+Given a weight W (out x in) and the Hessian H = 2/n X^T X of its inputs, columns are visited left to right.
+Masks are chosen per column block by the OBS saliency w^2 / [H_F^-1]_jj^2 (F = the columns not yet visited),
+and each pruned weight's error is propagated to the columns not yet visited through the upper Cholesky factor of
+H^-1 (whose row j is row j of (H_F)^-1 scaled by 1/sqrt([H_F^-1]_jj)). Updates to later column blocks are applied
+lazily, once per block, as one matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..masks import Structure, num_pruned
+
+UNSTRUCTURED = Structure()
+
+
+class DampeningError(RuntimeError):
+    """The Hessian stayed non positive-definite at every dampening level tried."""
+
+
+@dataclass
+class SolveInfo:
+    damp_fraction: float  # dampening actually used, as a fraction of mean(diag(H))
+    tries: list[float] = field(default_factory=list)  # every fraction tried, in order
+    dead_inputs: int = 0  # input channels that never saw a non-zero activation
+
+    @property
+    def raised(self) -> bool:
+        return len(self.tries) > 1
+
+
+def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, SolveInfo]:
+    """Upper Cholesky factor of (H + damp * I)^-1, raising the dampening tenfold until H is positive definite.
+
+    ``H`` is modified in place only on a copy. Raises DampeningError if ``max_tries`` levels all fail.
+    """
+    mean_diag = float(torch.mean(torch.diag(H)))
+    if mean_diag <= 0 or not torch.isfinite(H).all():
+        raise DampeningError(f"the Hessian is degenerate (mean diagonal {mean_diag:g}, or non-finite entries)")
+    info = SolveInfo(damp_fraction=percdamp)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    fraction = percdamp
+    for _ in range(max_tries):
+        info.tries.append(fraction)
+        L, failed = torch.linalg.cholesky_ex(H + fraction * mean_diag * eye)
+        if not failed:
+            Hinv = torch.cholesky_inverse(L)
+            U, failed = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if not failed and torch.isfinite(U).all():
+                info.damp_fraction = fraction
+                return U, info
+        fraction = fraction * 10.0 if fraction > 0 else 1e-6
+    raise DampeningError(f"not positive definite with dampening up to {info.tries[-1]:g} x mean(diag(H))")
+
+
+def _block_quota(rows: int, i1: int, i2: int, sparsity: float) -> int:
+    """Weights to prune in columns [i1, i2) so that the running total after column i2 is floor(rows * i2 * s).
+    The layer then holds exactly floor(rows * cols * s) pruned weights, however the blocks fall."""
+    return num_pruned(rows * i2, sparsity) - num_pruned(rows * i1, sparsity)
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    structure: Structure = UNSTRUCTURED,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+    """Prune ``weight`` (out x in) with reconstruction; return (new weight, mask of pruned entries, info).
+
+    Args:
+        weight: the weight, any float dtype; not modified.
+        H: the (in x in) Hessian 2/n X^T X in float32; not modified.
+        sparsity: fraction pruned (unstructured); ignored for N:M, which prunes M-N of every M.
+        structure: unstructured, or N:M (masks chosen every M columns, on the weights updated so far).
+        blocksize: columns per lazy-update block (128 in the paper). For N:M it is rounded down to a multiple of M.
+        percdamp: dampening as a fraction of mean(diag(H)); raised tenfold while H is not positive definite.
+    """
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    H = H.detach().clone().float()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, info = inverse_cholesky_upper(H, percdamp)
+    info.dead_inputs = int(dead.sum())
+    del H
+
+    if structure.is_nm:
+        blocksize = max(structure.m, blocksize - blocksize % structure.m)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        M1 = torch.zeros_like(W1, dtype=torch.bool)
+        if not structure.is_nm:
+            k = _block_quota(rows, i1, i2, sparsity)
+            if k > 0:
+                saliency = (W1 * W1) / (d * d).unsqueeze(0)
+                idx = torch.topk(saliency.flatten(), k, largest=False, sorted=False).indices
+                M1.view(-1)[idx] = True
+        for i in range(i2 - i1):
+            if structure.is_nm and i % structure.m == 0:
+                group = slice(i, i + structure.m)
+                saliency = (W1[:, group] ** 2) / (d[group] ** 2).unsqueeze(0)
+                idx = torch.topk(saliency, structure.m - structure.n, dim=1, largest=False, sorted=False).indices
+                M1[:, group].scatter_(1, idx, True)
+            w = W1[:, i]
+            q = w.masked_fill(M1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = M1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W, mask, info
