@@ -42,6 +42,17 @@ CONFIGS: dict[str, list[dict]] = {
     "sparsegpt-60-owl": [{"method": "sparsegpt", "sparsity": 0.6, "sparsity_profile": "owl"}],
     "sparsegpt-70-owl": [{"method": "sparsegpt", "sparsity": 0.7, "sparsity_profile": "owl"}],
 }
+for _pct in (10, 20, 30):
+    for _name, _criterion in (
+        ("angular", "angular"),
+        ("bi", "block_influence"),
+        ("ppl", "ppl_delta"),
+        ("random", "random"),
+    ):
+        _step = {"method": "depth", "criterion": _criterion, "ratio": _pct / 100}
+        if _criterion == "ppl_delta":
+            _step["ppl_nsamples"] = 8
+        CONFIGS[f"depth-{_name}-{_pct}"] = [_step]
 
 
 def extend_configs(extra: dict[str, list[dict]]) -> None:
@@ -77,6 +88,7 @@ def run_one(model_id: str, name: str, nsamples: int, seqlen: int, eval_windows: 
         report = pruner.prune()
         result["prune_s"] = sum(s.time_s for s in report.steps)
         result["sparsity"] = report.steps[-1].sparsity
+        result["params_before"] = report.params_before
         result["params_after"] = report.params_after
         result["nonzero_after"] = report.nonzero_after
         result["calibration"] = report.calibration
@@ -112,8 +124,22 @@ def main() -> None:
     for name in args.configs:
         if name not in CONFIGS:
             sys.exit(f"unknown config {name}; known: {', '.join(CONFIGS)}")
-        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows), "--calib", args.calib]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--model",
+            args.model,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--eval-windows",
+            str(args.eval_windows),
+            "--calib",
+            args.calib,
+        ]
         if args.extra:
             cmd += ["--extra", args.extra]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -121,15 +147,17 @@ def main() -> None:
         if proc.returncode or line is None:
             print(proc.stderr[-3000:], file=sys.stderr)
             sys.exit(f"config {name} failed")
-        res = json.loads(line[len("RESULT "):])
+        res = json.loads(line[len("RESULT ") :])
         results.append(res)
         print(f"{name}: ppl {res['ppl']:.3f}  prune {res.get('prune_s', 0):.1f}s", file=sys.stderr, flush=True)
 
     dense_fwd = next((r["dense_forward_s"] for r in results if "dense_forward_s" in r), None)
     calib = results[0].get("calibration") or {}
-    print(f"\nModel {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {calib.get('source')}, seed 0; "
-          f"perplexity: wikipedia, first {args.eval_windows} windows of 512 tokens; machine: {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}.")
+    print(
+        f"\nModel {args.model}; calibration {args.nsamples} x {args.seqlen} tokens of {calib.get('source')}, seed 0; "
+        f"perplexity: wikipedia, first {args.eval_windows} windows of 512 tokens; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}."
+    )
     if dense_fwd:
         print(f"One dense forward over the calibration tokens (one batch, with lm_head): {dense_fwd:.1f} s")
     print("\n| config | perplexity | measured sparsity | prune time (s) | prune / dense forward | peak RSS (GiB) |")
@@ -137,8 +165,10 @@ def main() -> None:
     for r in results:
         ratio = f"{r['prune_s'] / dense_fwd:.2f}x" if dense_fwd and "prune_s" in r else "-"
         sp = f"{r['sparsity']:.4f}" if r.get("sparsity") is not None else "-"
-        print(f"| {r['config']} | {r['ppl']:.2f} | {sp} | {r.get('prune_s', 0):.1f} | {ratio} | "
-              f"{r['peak_rss_prune_bytes'] / 2**30:.2f} |")
+        print(
+            f"| {r['config']} | {r['ppl']:.2f} | {sp} | {r.get('prune_s', 0):.1f} | {ratio} | "
+            f"{r['peak_rss_prune_bytes'] / 2**30:.2f} |"
+        )
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

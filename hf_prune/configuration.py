@@ -51,8 +51,10 @@ class StrictConfig:
         """The fields that differ from their defaults (what a user actually asked for)."""
         out = {}
         for f in dataclasses.fields(self):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
             )
             value = getattr(self, f.name)
             if value != default:

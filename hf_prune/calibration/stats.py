@@ -58,8 +58,8 @@ class CosineStats:
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         if self.last_token_only:
             a, b = a[:, -1, :], b[:, -1, :]
-        a = a.reshape(-1, a.shape[-1]).float()
-        b = b.reshape(-1, b.shape[-1]).to(a.device).float()
+        a = a.reshape(-1, a.shape[-1]).double()  # float64: arccos is steep near cos = 1
+        b = b.reshape(-1, b.shape[-1]).to(a.device).double()
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
         self.total += float(cos.double().sum())
         self.count += cos.numel()

@@ -1,6 +1,7 @@
 """Built-in pruning methods; importing this package registers them."""
 
 from ..registry import register_method
+from .depth import DepthConfig, DepthMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
 from .sparsegpt import SparseGPTConfig, SparseGPTMethod
 from .wanda import WandaConfig, WandaMethod
@@ -8,8 +9,11 @@ from .wanda import WandaConfig, WandaMethod
 register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
 register_method("wanda", WandaConfig, WandaMethod)
 register_method("sparsegpt", SparseGPTConfig, SparseGPTMethod)
+register_method("depth", DepthConfig, DepthMethod)
 
 __all__ = [
+    "DepthConfig",
+    "DepthMethod",
     "MagnitudeConfig",
     "MagnitudeMethod",
     "SparseGPTConfig",

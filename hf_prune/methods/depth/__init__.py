@@ -1,0 +1,3 @@
+from .method import DepthConfig, DepthMethod
+
+__all__ = ["DepthConfig", "DepthMethod"]

@@ -1,0 +1,243 @@
+"""Depth pruning: remove whole decoder blocks chosen by similarity or by perplexity, into a plain HF model."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ...calibration.engine import model_device
+from ...calibration.stats import CosineStats
+from ...errors import RecipeError
+from ...report import StepReport
+from ...utils import logger
+from ..base import PruneContext, PruningMethod, StepConfig
+from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowest_scoring, random_blocks
+from .surgery import remove_blocks
+
+CRITERIA = ("angular", "block_influence", "ppl_delta", "random")
+
+
+@dataclass
+class DepthConfig(StepConfig):
+    """Remove whole decoder blocks.
+
+    Criteria:
+        ``angular``: the run of ``num_blocks`` CONSECUTIVE blocks whose input and output hidden states are closest in
+            angular distance arccos(cos)/pi (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers").
+        ``block_influence``: the blocks with the lowest 1 - cos(input, output) (Men et al., ShortGPT).
+        ``ppl_delta``: the blocks whose removal alone raises the calibration perplexity least (Kim et al.,
+            "Shortened LLaMA"); ``iterative: true`` re-scores after each removal (costs ~num_blocks times more).
+        ``random``: a seeded random choice (the baseline the literature says is hard to beat at some ratios).
+
+    Args:
+        num_blocks / ratio / blocks: how many blocks (or which, by index) to remove; give exactly one.
+        keep_first / keep_last: never remove the first / last k blocks.
+        last_token_only: cosine similarities on the last token of each window instead of every token.
+        ppl_nsamples: calibration windows used by ``ppl_delta`` (default: all of them).
+        seed: for ``random``.
+
+    Example recipe::
+
+        steps:
+          - {method: depth, criterion: angular, ratio: 0.2}
+          - {method: wanda, structure: "2:4"}         # then weight-prune what is left
+    """
+
+    method: str = "depth"
+    criterion: str = "angular"
+    num_blocks: int | None = None
+    ratio: float | None = None
+    blocks: list[int] | None = None
+    keep_first: int = 0
+    keep_last: int = 0
+    last_token_only: bool = False
+    iterative: bool = False
+    ppl_nsamples: int | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        given = [k for k in ("num_blocks", "ratio", "blocks") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise RecipeError(f"depth: give exactly one of num_blocks, ratio or blocks (got {given or 'none'}).")
+        if self.criterion not in CRITERIA:
+            raise RecipeError(f"depth.criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}.")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
+            raise RecipeError(f"depth.ratio must be in (0, 1): a fraction of the blocks to remove, got {self.ratio}.")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise RecipeError(f"depth.num_blocks must be a positive integer, got {self.num_blocks!r}.")
+        if self.blocks is not None:
+            if not self.blocks or not all(isinstance(b, int) and not isinstance(b, bool) for b in self.blocks):
+                raise RecipeError(f"depth.blocks must be a non-empty list of block indices, got {self.blocks!r}.")
+            if len(set(self.blocks)) != len(self.blocks):
+                raise RecipeError(f"depth.blocks lists a block twice: {self.blocks}.")
+        for key in ("keep_first", "keep_last"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise RecipeError(f"depth.{key} must be a non-negative integer.")
+        if self.iterative and self.criterion != "ppl_delta":
+            raise RecipeError("depth.iterative applies to criterion: ppl_delta only.")
+
+
+class DepthMethod(PruningMethod):
+    """Remove whole decoder blocks (ShortGPT / angular distance / Shortened LLaMA / random).
+
+    Recipe: ``steps: [{method: depth, criterion: angular, num_blocks: 6}]``. The model keeps its class: it saves with
+    ``save_pretrained`` and reloads with plain ``AutoModelForCausalLM.from_pretrained``.
+    """
+
+    config: DepthConfig
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.blocks is None and self.config.criterion != "random"
+
+    removed: tuple[int, list[int]] | None = None
+
+    def pruning_config(self) -> dict[str, Any]:
+        out = self.config.to_dict()
+        if self.removed is not None:
+            out["blocks_before"], out["removed_blocks"] = self.removed[0], self.removed[1]
+        return out
+
+    # ------------------------------------------------------------------ planning
+    def count(self, total: int) -> int:
+        c = self.config
+        if c.blocks is not None:
+            return len(c.blocks)
+        return c.num_blocks if c.num_blocks is not None else max(1, round(c.ratio * total))
+
+    def preflight(self, ctx: PruneContext) -> None:
+        c, total = self.config, ctx.adapter.num_blocks
+        n = self.count(total)
+        if c.blocks is not None:
+            bad = [b for b in c.blocks if not 0 <= b < total]
+            if bad:
+                raise RecipeError(f"depth.blocks {bad} out of range: the model has blocks 0..{total - 1}.")
+        if n >= total:
+            raise RecipeError(f"depth: removing {n} of {total} blocks would leave none; remove at most {total - 1}.")
+        allowed = allowed_blocks(total, c.keep_first, c.keep_last)
+        if c.blocks is None and len(allowed) < n:
+            raise RecipeError(
+                f"depth: {n} blocks to remove but keep_first={c.keep_first} and keep_last={c.keep_last} leave only "
+                f"{len(allowed)} removable blocks."
+            )
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def similarity_scores(self, ctx: PruneContext, n: int) -> tuple[dict[int, float], dict[int, float]]:
+        """One dense pass: block influence 1 - cos(in, out) per block, and angular distance between the input of
+        block l and the output of block l + n - 1 for every l."""
+        last = self.config.last_token_only
+        influence: dict[int, float] = {}
+        angular: dict[int, float] = {}
+        window: deque[tuple[int, list[torch.Tensor]]] = deque()  # inputs of the last n blocks (kept on CPU)
+        engine = ctx.engine()
+        for step in engine.walk(desc="depth: similarity"):
+            outputs = step.forward()
+            bi = CosineStats(last)
+            for x, y in zip(step.inputs, outputs):
+                bi.update(x, y)
+            influence[step.index] = 1.0 - bi.mean
+            kept = [x[:, -1:, :].cpu() if last else x.cpu() for x in step.inputs]
+            window.append((step.index, kept))
+            if len(window) > n:
+                window.popleft()
+            if len(window) == n:
+                start, start_inputs = window[0]
+                cos = CosineStats(last)
+                for x, y in zip(start_inputs, outputs):
+                    cos.update(x, y[:, -1:, :] if last else y)
+                angular[start] = angular_distance(cos.mean)
+            step.info["outputs"] = outputs
+        return influence, angular
+
+    @torch.no_grad()
+    def calibration_nll(self, ctx: PruneContext, skip: set[int], windows: torch.Tensor) -> float:
+        """Mean token NLL of the calibration windows with blocks ``skip`` bypassed (their output = their input)."""
+        blocks = ctx.adapter.blocks
+        saved = {i: blocks[i].__dict__.get("forward") for i in skip}
+        try:
+            for i in skip:
+                blocks[i].forward = _identity_block
+            device = model_device(ctx.model)
+            nll, count = 0.0, 0
+            for row in windows:
+                ids = row.unsqueeze(0).to(device)
+                logits = ctx.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                count += ids.shape[1] - 1
+        finally:
+            for i, original in saved.items():
+                if original is None:
+                    blocks[i].__dict__.pop("forward", None)
+                else:
+                    blocks[i].forward = original
+        return nll / count
+
+    def ppl_delta_choice(self, ctx: PruneContext, n: int, allowed: list[int]) -> tuple[list[int], dict[int, float]]:
+        windows = ctx.calibration_ids()
+        if self.config.ppl_nsamples:
+            windows = windows[: self.config.ppl_nsamples]
+        removed: list[int] = []
+        first_scores: dict[int, float] = {}
+        rounds = n if self.config.iterative else 1
+        if self.config.iterative:
+            logger.info("depth: iterative ppl_delta re-scores after each removal: %d rounds.", n)
+        for r in range(rounds):
+            candidates = [i for i in allowed if i not in removed]
+            scores = {}
+            for i in tqdm(candidates, desc=f"depth: ppl without each block ({r + 1}/{rounds})", leave=False):
+                scores[i] = math.exp(self.calibration_nll(ctx, set(removed) | {i}, windows))
+            if r == 0:
+                first_scores = scores
+            if self.config.iterative:
+                removed.append(min(candidates, key=lambda i: (scores[i], i)))
+            else:
+                removed = lowest_scoring(scores, n, candidates)
+        return sorted(removed), first_scores
+
+    # ------------------------------------------------------------------ run
+    def run(self, ctx: PruneContext) -> StepReport:
+        start = time.perf_counter()
+        c = self.config
+        total = ctx.adapter.num_blocks
+        n = self.count(total)
+        allowed = allowed_blocks(total, c.keep_first, c.keep_last)
+        report = StepReport(c.method, c.to_dict(), c.non_default_dict())
+        details: dict[str, Any] = {"blocks_before": total}
+        if c.blocks is not None:
+            chosen = sorted(c.blocks)
+        elif c.criterion == "random":
+            chosen = random_blocks(n, allowed, c.seed)
+        elif c.criterion == "ppl_delta":
+            chosen, scores = self.ppl_delta_choice(ctx, n, allowed)
+            details["scores"] = {"calibration_ppl_without_block": _rounded(scores)}
+        else:
+            influence, angular = self.similarity_scores(ctx, n)
+            details["scores"] = {"block_influence": _rounded(influence), f"angular_distance_n{n}": _rounded(angular)}
+            if c.criterion == "angular":
+                chosen = best_consecutive_run(angular, n, allowed)
+            else:
+                chosen = lowest_scoring(influence, n, allowed)
+        details["removed_blocks"] = chosen
+        self.removed = (total, chosen)
+        details["config_changes"] = remove_blocks(ctx.model, ctx.adapter, chosen)
+        details["blocks_after"] = total - len(chosen)
+        logger.info("depth: removed blocks %s (%s)", chosen, c.criterion if c.blocks is None else "explicit")
+        report.details = details
+        report.time_s = time.perf_counter() - start
+        return report
+
+
+def _identity_block(hidden_states=None, *args, **kwargs):
+    return hidden_states if hidden_states is not None else kwargs["hidden_states"]
+
+
+def _rounded(scores: dict[int, float]) -> dict[int, float]:
+    return {int(k): round(float(v), 6) for k, v in sorted(scores.items())}
