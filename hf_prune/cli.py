@@ -64,6 +64,8 @@ def _step_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _finish(pruner, recipe, output: str | None, overwrite: bool, report_json: str | None) -> None:
     report = pruner.prune()
+    if recipe.heal is not None:
+        pruner.heal()
     print(report.to_markdown())
     if report_json:
         report.to_json(report_json)

@@ -64,6 +64,8 @@ class HFPruner:
         self.report: PruningReport | None = None
         self._source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         self._applied: list[PruningMethod] = []
+        self._peft_model = None  # a healing adapter kept unmerged
+        self._heal: dict[str, Any] | None = None
 
     @classmethod
     def from_pretrained(
@@ -159,7 +161,7 @@ class HFPruner:
 
     def _record_pruning_config(self) -> None:
         steps = [m.pruning_config() for m in self._applied]
-        first = steps[0] if steps else {}
+        first = next((s for s in steps if s.get("sparsity") is not None), {})
         entry = {
             "method": "+".join(s["method"] for s in steps),
             "sparsity": first.get("sparsity"),
@@ -168,7 +170,54 @@ class HFPruner:
             "calibration": self.report.calibration if self.report else None,
             "hf_prune_version": __version__,
         }
+        if self._heal is not None:
+            entry["heal"] = self._heal
         setattr(self.model.config, PRUNING_CONFIG_KEY, entry)
+
+    # ------------------------------------------------------------------ healing
+    def heal(self, teacher: nn.Module | str | None = None, **overrides) -> dict[str, Any]:
+        """Heal the pruned model with a PEFT adapter that keeps its zeros, then merge (unless ``merge=False``).
+
+        Args:
+            teacher: the dense model for distillation (a loaded model, a folder or a Hub id); default the model the
+                pruner was loaded from. Only used with ``distill=True``.
+            **overrides: keys of ``HealConfig`` (``max_steps``, ``lora_r``, ``mask``, ``distill``, ...), over the
+                recipe's ``heal:`` section.
+
+        Returns:
+            A summary: mask mode, steps, tokens, trainable parameters, first/last losses, time, sparsity check.
+        """
+        from .heal import HealConfig, heal_model
+
+        base = self.recipe.heal.to_dict() if self.recipe.heal is not None else {}
+        cfg = HealConfig.from_dict({**base, **overrides}, "heal")
+        teacher_model = None
+        if cfg.distill:
+            teacher_model = self._load_teacher(teacher if teacher is not None else cfg.teacher)
+        self.model, result, self._peft_model = heal_model(self.model, self.tokenizer, self.adapter, cfg, teacher_model)
+        del teacher_model
+        self.adapter = ModelAdapter(self.model)
+        summary = result.to_dict()
+        if self.recipe.eval is not None and cfg.merge:
+            summary["perplexity_after_heal"] = self._eval_perplexity(self.recipe.eval)
+        self._heal = summary
+        if self.report is not None:
+            self.report.evaluation.update({f"heal_{k}": v for k, v in summary.items() if "perplexity" in k})
+            self.report.notes.append(f"healed: {summary}")
+        self._record_pruning_config()
+        return summary
+
+    def _load_teacher(self, teacher: nn.Module | str | None) -> nn.Module:
+        if isinstance(teacher, nn.Module):
+            return teacher.eval()
+        source = teacher or self._source
+        if not source:
+            raise RecipeError(
+                "Distillation needs the dense teacher: pass heal(teacher=<model, folder or Hub id>) or set "
+                "heal.teacher."
+            )
+        model, _ = load_model_and_tokenizer(source, tokenizer=self.tokenizer)
+        return model
 
     # ------------------------------------------------------------------ evaluation
     def perplexity(self, source: Any = "wikipedia", seqlen: int = 512, max_windows: int | None = 32, **kw) -> float:
@@ -189,7 +238,15 @@ class HFPruner:
         assert_finite_parameters(self.model)
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(str(tmp), **kwargs)
+            if self._peft_model is not None:  # unmerged healing adapter: the base and, beside it, the adapter
+                from .heal.persist import base_state_dict, save_adapter
+
+                self.model.save_pretrained(str(tmp), state_dict=base_state_dict(self.model), **kwargs)
+                save_adapter(
+                    self._peft_model, tmp, self._heal["mask"], self.recipe.heal.seed if self.recipe.heal else 0
+                )
+            else:
+                self.model.save_pretrained(str(tmp), **kwargs)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             if self.report is not None:

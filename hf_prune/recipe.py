@@ -11,6 +11,7 @@ import yaml
 from .calibration.config import CalibrationConfig
 from .configuration import StrictConfig, reject_unknown_keys
 from .errors import RecipeError
+from .heal.config import HealConfig
 from .methods.base import StepConfig
 from .registry import get_method
 
@@ -46,7 +47,7 @@ class OutputConfig(StrictConfig):
     overwrite: bool = False
 
 
-RECIPE_KEYS = ("model", "calibration", "steps", "eval", "output")
+RECIPE_KEYS = ("model", "calibration", "steps", "heal", "eval", "output")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Recipe:
     model: str | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     steps: list[StepConfig] = field(default_factory=list)
+    heal: HealConfig | None = None
     eval: EvalConfig | None = None
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -79,10 +81,12 @@ class Recipe:
             raise RecipeError("recipe 'steps' must be a list of steps, each a mapping with a 'method' key.")
         steps = [parse_step(step, i) for i, step in enumerate(steps_data)]
         eval_data = data.get("eval")
+        heal_data = data.get("heal")
         return cls(
             model=data.get("model"),
             calibration=CalibrationConfig.from_dict(data.get("calibration"), "calibration"),
             steps=steps,
+            heal=HealConfig.from_dict(heal_data, "heal") if heal_data is not None else None,
             eval=EvalConfig.from_dict(eval_data, "eval") if eval_data is not None else None,
             output=OutputConfig.from_dict(data.get("output"), "output"),
         )
@@ -120,6 +124,8 @@ class Recipe:
             "steps": [s.to_dict() for s in self.steps],
             "output": self.output.to_dict(),
         }
+        if self.heal is not None:
+            out["heal"] = self.heal.to_dict()
         if self.eval is not None:
             out["eval"] = self.eval.to_dict()
         return out

@@ -130,8 +130,11 @@ def load_documents(
     raise CalibrationDataError("A text source list must hold strings (texts or file paths).")
 
 
-def sample_windows(docs: Sequence[str], tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of exactly ``seqlen`` token ids, seeded; raises if the documents hold too little text."""
+def sample_windows(
+    docs: Sequence[str], tokenizer, nsamples: int, seqlen: int, seed: int, allow_fewer: bool = False
+) -> torch.Tensor:
+    """``nsamples`` windows of exactly ``seqlen`` token ids, seeded. Raises if the documents hold too little text
+    (with ``allow_fewer``: returns the windows there are, if at least one)."""
     if nsamples < 1 or seqlen < 2:
         raise CalibrationDataError(f"Need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}.")
     rng = random.Random(seed)
@@ -153,6 +156,8 @@ def sample_windows(docs: Sequence[str], tokenizer, nsamples: int, seqlen: int, s
             buffer = []
             if len(windows) == nsamples:
                 return torch.tensor(windows, dtype=torch.long)
+    if allow_fewer and windows:
+        return torch.tensor(windows, dtype=torch.long)
     raise CalibrationDataError(
         f"Too little calibration text: {len(docs)} documents hold {seen_tokens} tokens, which make "
         f"{len(windows)} windows of {seqlen} tokens; nsamples={nsamples} x seqlen={seqlen} = {nsamples * seqlen} "

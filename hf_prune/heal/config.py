@@ -1,0 +1,93 @@
+"""The ``heal:`` section of a recipe (and the keyword arguments of ``HFPruner.heal``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..configuration import StrictConfig
+from ..errors import RecipeError
+
+MASK_MODES = ("auto", "masked_lora", "shira", "none")
+
+
+@dataclass
+class HealConfig(StrictConfig):
+    """Short PEFT training after pruning that keeps the sparsity.
+
+    Args:
+        max_steps, batch_size, seqlen: the training budget (steps x batch x seqlen tokens).
+        lr, warmup_steps, weight_decay, grad_clip: AdamW with linear warm-up then cosine decay.
+        lora_r, lora_alpha, lora_dropout: adapter size (SHiRA trains r * (in + out) weights per linear, as LoRA does).
+        mask: ``auto`` (masked LoRA when the linears hold pruned zeros, plain LoRA otherwise, e.g. after depth or
+            width pruning), ``masked_lora``, ``shira`` (sparse update on surviving weights) or ``none`` (plain LoRA:
+            the merge makes the linears dense again).
+        targets: roles or regexes of the block linears to adapt (default: all of them).
+        source, text_field, split, dataset_config, data_files: training text (default: fortunes).
+        seed: data order and SHiRA positions.
+        distill: add knowledge distillation from the dense teacher (KL on logits at ``temperature``), weighted
+            ``distill_alpha`` against the language-modelling loss.
+        teacher: the dense model (folder or Hub id); default the model the pruner was loaded from.
+        teacher_cache: ``memory`` (teacher logits on the fly) or ``disk`` (teacher top-``cache_topk`` logits computed
+            once, kept in a temporary folder; the teacher is freed before training).
+        merge: merge the adapter into the weights (the checkpoint stays a plain HF model); False keeps it separate
+            and ``save_pretrained`` writes it PEFT-style under ``adapter/``.
+        gradient_checkpointing: trade compute for activation memory.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``.
+    """
+
+    max_steps: int = 200
+    batch_size: int = 4
+    seqlen: int = 256
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    mask: str = "auto"
+    targets: list[str] | None = None
+    source: Any = "fortunes"
+    text_field: str = "text"
+    split: str = "train"
+    dataset_config: str | None = None
+    data_files: Any = None
+    seed: int = 0
+    distill: bool = False
+    distill_alpha: float = 0.5
+    temperature: float = 2.0
+    teacher: str | None = None
+    teacher_cache: str = "memory"
+    cache_topk: int = 64
+    merge: bool = True
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        for key in ("max_steps", "batch_size", "lora_r", "cache_topk"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RecipeError(f"heal.{key} must be a positive integer, got {value!r}.")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise RecipeError(f"heal.seqlen must be an integer >= 2, got {self.seqlen!r}.")
+        if not self.lr > 0:
+            raise RecipeError(f"heal.lr must be > 0, got {self.lr}.")
+        if self.mask not in MASK_MODES:
+            raise RecipeError(f"heal.mask must be one of {', '.join(MASK_MODES)}, got {self.mask!r}.")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise RecipeError(f"heal.distill_alpha must be in [0, 1], got {self.distill_alpha}.")
+        if not self.temperature > 0:
+            raise RecipeError(f"heal.temperature must be > 0, got {self.temperature}.")
+        if self.teacher_cache not in ("memory", "disk"):
+            raise RecipeError(f"heal.teacher_cache must be 'memory' or 'disk', got {self.teacher_cache!r}.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise RecipeError(f"heal.precision must be auto, fp32 or bf16, got {self.precision!r}.")
+
+    def source_kwargs(self) -> dict[str, Any]:
+        return {
+            "text_field": self.text_field,
+            "split": self.split,
+            "dataset_config": self.dataset_config,
+            "data_files": self.data_files,
+        }
