@@ -127,6 +127,47 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+
+    url = push_folder(
+        args.model,
+        args.repo_id,
+        private=args.private or None,
+        token=args.token,
+        revision=args.revision,
+        commit_message=args.message,
+    )
+    print(f"Pushed {args.model} to {args.repo_id}: {url}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.harness import SHIPPED_TASKS, run_lm_eval
+    from .pruner import resolve_model_path
+
+    model_args = {"trust_remote_code": True} if args.trust_remote_code else {}
+    if args.revision:
+        model_args["revision"] = args.revision
+    results = run_lm_eval(
+        resolve_model_path(args.model),
+        None,
+        args.tasks or SHIPPED_TASKS,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        model_args=model_args,
+    )
+    if args.json:
+        print(json.dumps({"model": args.model, "results": results}, indent=2))
+        return
+    print(f"\n{args.model}\n\n| task | metric | value |\n|---|---|---|")
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if not metric.endswith("_stderr"):
+                print(f"| {task} | {metric} | {value:.4f} |")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -184,6 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("push", help="push a saved pruned model folder to the Hub with a model card")
+    p.add_argument("--model", required=True, help="the saved folder (hf-prune prune --output ...)")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="write token (default: logged-in token / HF_TOKEN)")
+    p.add_argument("--revision", help="branch to push to (created if missing)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness on a saved folder or Hub id")
+    p.add_argument("--model", required=True, help="folder, Hub id or packaged:<name>")
+    p.add_argument("--tasks", nargs="+", help="lm-eval tasks (default: the shipped offline Wikipedia tasks)")
+    p.add_argument("--limit", type=float, help="examples per task (count, or fraction < 1)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", default=1)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--revision")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="prune the packaged SmolLM2 with Wanda 50%% and 2:4 and print a table")
     p.add_argument("--output", default="out/demo", help="where the demo saves its models")

@@ -66,6 +66,7 @@ class HFPruner:
         self._applied: list[PruningMethod] = []
         self._peft_model = None  # a healing adapter kept unmerged
         self._heal: dict[str, Any] | None = None
+        self._base_model: str | None = self._source  # what the card names as base_model (Hub id or path)
 
     @classmethod
     def from_pretrained(
@@ -92,6 +93,7 @@ class HFPruner:
         model, tokenizer = load_model_and_tokenizer(model_id, tokenizer=tokenizer, **model_kwargs)
         pruner = cls(model, tokenizer, recipe)
         pruner._source = resolve_model_path(model_id)
+        pruner._base_model = model_id
         return pruner
 
     # ------------------------------------------------------------------ pruning
@@ -169,6 +171,7 @@ class HFPruner:
             "steps": steps,
             "calibration": self.report.calibration if self.report else None,
             "hf_prune_version": __version__,
+            "base_model": str(self._base_model) if self._base_model else None,
         }
         if self._heal is not None:
             entry["heal"] = self._heal
@@ -220,6 +223,34 @@ class HFPruner:
         return model
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self, tasks: list[str] | tuple[str, ...] | None = None, limit: int | float | None = None, **kwargs
+    ) -> dict[str, dict[str, float]]:
+        """Run lm-evaluation-harness on the in-memory model; results go into the report (and the model card).
+
+        Args:
+            tasks: lm-eval task names; default the shipped offline tasks (``wikipedia_lead_ppl``,
+                ``wikipedia_lead_mc``).
+            limit: examples per task.
+            **kwargs: ``num_fewshot``, ``batch_size``, ``device`` for ``lm_eval.simple_evaluate`` / ``HFLM``.
+        """
+        from .eval.harness import SHIPPED_TASKS, run_lm_eval
+
+        results = run_lm_eval(self.model, self.tokenizer, tasks or SHIPPED_TASKS, limit=limit, **kwargs)
+        if self.report is None:
+            total, nonzero = count_parameters(self.model)
+            self.report = PruningReport(
+                str(self._source or type(self.model).__name__),
+                self.adapter.family,
+                self.adapter.num_blocks,
+                params_before=total,
+                nonzero_before=nonzero,
+                params_after=total,
+                nonzero_after=nonzero,
+            )
+        self.report.evaluation.setdefault("lm_eval", {}).update(results)
+        return results
+
     def perplexity(self, source: Any = "wikipedia", seqlen: int = 512, max_windows: int | None = 32, **kw) -> float:
         """Perplexity of the current model (see ``hf_prune.eval.PERPLEXITY_CONVENTION``)."""
         return perplexity(self.model, self.tokenizer, source, seqlen, max_windows, **kw)
@@ -255,3 +286,39 @@ class HFPruner:
         out = atomic_write_folder(save_directory, write, overwrite)
         logger.info("Saved the pruned model to %s", out)
         return out
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        endpoint: str | None = None,
+    ) -> str:
+        """Upload the pruned checkpoint, tokenizer, report and a model card to the Hub; return the commit URL.
+
+        Args:
+            repo_id: ``user/name`` (created if missing).
+            private: create the repo private.
+            token: a write token (default: the logged-in one / HF_TOKEN).
+            revision: a branch to push to (created from main if missing).
+            commit_message: the commit title.
+            endpoint: another Hub endpoint (default HF_ENDPOINT or huggingface.co).
+        """
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="hf_prune_push_") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return push_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=commit_message,
+                endpoint=endpoint,
+            )
