@@ -34,11 +34,27 @@ def load_model_and_tokenizer(model_id_or_path: str, *, tokenizer: Any = None, **
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_id_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    model = _load_known_remote_code(path, model_kwargs) or AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
     model.eval()
     return model, tokenizer
+
+
+def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
+    """Checkpoints whose modeling file hf_prune wrote (sliced models) load with hf_prune's own copy of that code,
+    so no code from the checkpoint runs; None for every other checkpoint."""
+    from transformers import PretrainedConfig
+
+    from .methods.slicegpt.remote import PREFIX, load_sliced
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(path, revision=model_kwargs.get("revision"))
+    except Exception:  # noqa: BLE001 - let from_pretrained raise its own, clearer error
+        return None
+    if str(config_dict.get("model_type", "")).startswith(PREFIX):
+        return load_sliced(path, config_dict, **model_kwargs)
+    return None
 
 
 class HFPruner:
@@ -124,7 +140,8 @@ class HFPruner:
             step_report = method.run(ctx)
             report.steps.append(step_report)
             self._applied.append(method)
-            self.adapter = ctx.adapter = ModelAdapter(self.model)  # a step may have changed the structure
+            self.model = ctx.model  # a step may rebuild the model (slicing) or change its structure (depth)
+            self.adapter = ctx.adapter = ModelAdapter(self.model)
         report.calibration = ctx.calibration_info
         self._check_outputs_finite(ctx)
 

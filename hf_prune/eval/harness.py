@@ -88,9 +88,9 @@ def task_dir() -> Path:
                 ppl_file,
                 "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
                 "metric_list:\n"
-            "  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
-            "  - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
-            "  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}\n",
+                "  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
+                "  - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
+                "  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}\n",
             )
         )
         (tmp / "wikipedia_lead_mc.yaml").write_text(

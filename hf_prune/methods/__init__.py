@@ -3,6 +3,7 @@
 from ..registry import register_method
 from .depth import DepthConfig, DepthMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
+from .slicegpt import SliceGPTConfig, SliceGPTMethod
 from .sparsegpt import SparseGPTConfig, SparseGPTMethod
 from .wanda import WandaConfig, WandaMethod
 
@@ -10,12 +11,15 @@ register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
 register_method("wanda", WandaConfig, WandaMethod)
 register_method("sparsegpt", SparseGPTConfig, SparseGPTMethod)
 register_method("depth", DepthConfig, DepthMethod)
+register_method("slicegpt", SliceGPTConfig, SliceGPTMethod)
 
 __all__ = [
     "DepthConfig",
     "DepthMethod",
     "MagnitudeConfig",
     "MagnitudeMethod",
+    "SliceGPTConfig",
+    "SliceGPTMethod",
     "SparseGPTConfig",
     "SparseGPTMethod",
     "WandaConfig",

@@ -1,0 +1,3 @@
+from .method import SliceGPTConfig, SliceGPTMethod
+
+__all__ = ["SliceGPTConfig", "SliceGPTMethod"]

@@ -1,0 +1,360 @@
+"""SliceGPT-style width slicing: make the network rotation-invariant, rotate the residual stream onto its principal
+components, delete the least important rows/columns, and save a model that loads where HF models load."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...adapters import LinearRef, ModelAdapter, get_submodule, weight_out_in
+from ...calibration.engine import BlockwiseEngine, hooks
+from ...errors import RecipeError, UnsupportedModelError
+from ...report import StepReport
+from ...utils import logger
+from ..base import PruneContext, PruningMethod, StepConfig
+from . import rotation as R
+from .runtime import add_shortcut, resize_module, to_rms_layernorm
+
+READER_ROLES = {"attn": ("q", "k", "v", "qkv"), "mlp": ("gate", "up", "gate_up")}
+WRITER_ROLES = {"attn": ("o",), "mlp": ("down",)}
+SLICEABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "opt")
+# A plain class with a smaller hidden_size needs head_dim to be read from the config, not derived from hidden_size.
+PLAIN_WHEN_SHARED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+WHY_NOT = {
+    "gemma3_text": "its post-attention and post-feedforward (sandwich) norms normalize each branch's output before it "
+    "joins the residual stream, so a rotation of the stream cannot pass through them",
+    "gemma2": "its sandwich norms (see gemma3_text) break rotation invariance",
+    "gemma": "its embeddings are scaled by sqrt(hidden_size) inside the model and its norms use (1 + weight)",
+    "gpt2": "its attention derives head sizes and the q/k/v split from hidden_size (n_embd), which slicing changes",
+}
+
+
+@dataclass
+class SliceGPTConfig(StepConfig):
+    """SliceGPT (Ashkboos et al., "SliceGPT: Compress Large Language Models by Deleting Rows and Columns", ICLR 2024).
+
+    Args:
+        slicing: fraction of the hidden dimension to delete, in [0, 1).
+        rotation: ``per_block`` (a PCA basis per block, computed block by block on the already sliced model, with
+            d' x d' shortcut matrices on the residual between bases; saved with a modeling file: load with
+            ``trust_remote_code=True``) or ``shared`` (one basis for the whole stream: no shortcuts, and for
+            llama-like families a plain checkpoint with a smaller ``hidden_size``).
+        round_to: the kept dimension is rounded down to a multiple of this (8: friendly to GPU kernels).
+
+    Example recipe::
+
+        steps:
+          - {method: slicegpt, slicing: 0.25}                 # rotation: per_block (default) or shared
+    """
+
+    method: str = "slicegpt"
+    slicing: float = 0.25
+    rotation: str = "per_block"
+    round_to: int = 8
+
+    def validate(self) -> None:
+        if isinstance(self.slicing, bool) or not isinstance(self.slicing, (int, float)) or not 0 <= self.slicing < 1:
+            raise RecipeError(f"slicegpt.slicing must be in [0, 1), got {self.slicing!r}.")
+        if self.rotation not in ("per_block", "shared"):
+            raise RecipeError(f"slicegpt.rotation must be 'per_block' or 'shared', got {self.rotation!r}.")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise RecipeError(f"slicegpt.round_to must be a positive integer, got {self.round_to!r}.")
+
+
+def _norm_modules(adapter: ModelAdapter, index: int) -> dict[str, nn.Module]:
+    block = adapter.blocks[index]
+    return {role: get_submodule(block, path) for role, path in adapter.spec.norms.items()}
+
+
+def _by_role(refs: list[LinearRef], roles) -> list[LinearRef]:
+    return [r for r in refs if r.role in roles]
+
+
+def _recorder(store: list):
+    return lambda module, args: store.append(args[0])
+
+
+def _projector(P: torch.Tensor):
+    return lambda module, args: (args[0] @ P,) + tuple(args[1:])
+
+
+def _is_layernorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm)
+
+
+class SliceGPTMethod(PruningMethod):
+    """Width slicing by PCA rotation (SliceGPT). Families: llama, mistral, qwen2, qwen3, phi3, opt."""
+
+    config: SliceGPTConfig
+
+    # ------------------------------------------------------------------ checks
+    def preflight(self, ctx: PruneContext) -> None:
+        adapter = ctx.adapter
+        family = adapter.model_type
+        if family in WHY_NOT:
+            raise UnsupportedModelError(f"SliceGPT does not support '{family}': {WHY_NOT[family]}.")
+        if adapter.spec is None or family not in SLICEABLE:
+            raise UnsupportedModelError(
+                f"SliceGPT supports {', '.join(SLICEABLE)}; '{family}' has no verified rotation-invariant layout."
+            )
+        cfg = ctx.model.config
+        if family == "opt" and (not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size):
+            raise UnsupportedModelError("SliceGPT supports pre-norm OPT models without project_in/out (not OPT-350m).")
+        if getattr(cfg, "pruning_config", None) and any(
+            s.get("method") == "slicegpt" for s in cfg.pruning_config.get("steps", [])
+        ):
+            raise RecipeError("This model is already sliced; slice the original model instead.")
+
+    # ------------------------------------------------------------------ 1. rotation invariance
+    @torch.no_grad()
+    def make_rotation_invariant(self, model: nn.Module, adapter: ModelAdapter) -> list[str]:
+        """Fold every norm's scale (and LayerNorm shift) into the linears that read it; for LayerNorm models, make
+        the residual stream mean-zero and let the norms stop centring (SliceGPT's RMSN). Outputs do not change."""
+        notes = []
+        self.added_bias = []
+        head = model.get_output_embeddings()
+        if head.weight is model.get_input_embeddings().weight:
+            head.weight = nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            notes.append("untied the output head from the input embeddings: they use different rotations")
+        layer_norm = any(_is_layernorm(m) for m in _norm_modules(adapter, 0).values())
+        if layer_norm:
+            for emb in adapter.embeddings():
+                emb.weight.copy_(R.center_rows(emb.weight))
+        for i in range(adapter.num_blocks):
+            refs, norms = adapter.linears(i), _norm_modules(adapter, i)
+            for part, norm_role in (("attn", "attn_in"), ("mlp", "mlp_in")):
+                self._fold(norms[norm_role], _by_role(refs, READER_ROLES[part]))
+                if layer_norm:
+                    for w in _by_role(refs, WRITER_ROLES[part]):
+                        w.module.weight.copy_(R.center_columns(w.module.weight))
+                        if w.module.bias is not None:
+                            w.module.bias.sub_(w.module.bias.mean())
+        final = get_submodule(model, adapter.spec.final_norm)
+        self._fold(final, [LinearRef("lm_head", "head", "", head)])
+        if layer_norm:
+            block_norms = [
+                f"{adapter.block_name(i)}.{p}" for i in range(adapter.num_blocks) for p in adapter.spec.norms.values()
+            ]
+            for path in [*block_norms, adapter.spec.final_norm]:
+                to_rms_layernorm(model, path)
+            notes.append("centred the residual stream and turned LayerNorm into RMS normalization (SliceGPT's RMSN)")
+        return notes
+
+    added_bias: list[str]
+
+    def _fold(self, norm: nn.Module, readers: list[LinearRef]) -> None:
+        gamma = norm.weight.detach().float()
+        beta = getattr(norm, "bias", None)
+        for ref in readers:
+            w = weight_out_in(ref.module)
+            if beta is not None:
+                new_bias = R.fold_shift_into_bias(w.float(), ref.module.bias, beta.float())
+                if ref.module.bias is None:
+                    ref.module.bias = nn.Parameter(new_bias.to(w.dtype))
+                    self.added_bias.append(ref.name)
+                else:
+                    ref.module.bias.copy_(new_bias)
+            w.copy_(R.fold_scale_into_readers(w.float(), gamma).to(w.dtype))
+        norm.weight.fill_(1.0)
+        if beta is not None:
+            beta.zero_()
+
+    # ------------------------------------------------------------------ 2. bases
+    @staticmethod
+    def _cov(chunks: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()
+        return x.t() @ x
+
+    @torch.no_grad()
+    def shared_basis(self, engine: BlockwiseEngine) -> torch.Tensor:
+        """One dense pass: the principal basis of the residual stream at every block boundary together."""
+        cov = None
+        for step in engine.walk(desc="slicegpt: shared PCA"):
+            outputs = step.forward()
+            c = self._cov(step.inputs) + self._cov(outputs)
+            cov = c if cov is None else cov + c
+            step.info["outputs"] = outputs
+        return R.principal_basis(cov)[0]
+
+    @torch.no_grad()
+    def per_block_bases(self, engine: BlockwiseEngine, adapter: ModelAdapter, kept: int) -> list[torch.Tensor]:
+        """Block by block on the already sliced model (simulated in full coordinates by projections):
+        basis 0 from the embeddings; basis l+1 from the stream after block l's attention and after its MLP."""
+        bases: list[torch.Tensor] = []
+        mlp_norm_path = adapter.spec.norms["mlp_in"]
+        for step in engine.walk(desc="slicegpt: per-block PCA"):
+            if step.index == 0:
+                bases.append(R.principal_basis(self._cov(step.inputs))[0][:, :kept])
+            B = bases[-1].to(step.inputs[0].dtype)
+            step.inputs = [x @ B @ B.t() for x in step.inputs]  # the sliced model's stream, in full coordinates
+            mlp_norm = get_submodule(step.block, mlp_norm_path)
+            seen: list[torch.Tensor] = []
+            with hooks([mlp_norm.register_forward_pre_hook(_recorder(seen))]):
+                outputs = step.forward()
+            M = R.principal_basis(self._cov(seen) + self._cov(outputs))[0][:, :kept]
+            bases.append(M)
+            P = (M @ M.t()).to(step.inputs[0].dtype)
+            with hooks([mlp_norm.register_forward_pre_hook(_projector(P))]):
+                outputs = step.forward()
+            step.info["outputs"] = [y @ P for y in outputs]
+        return bases
+
+    # ------------------------------------------------------------------ 3. rotate and slice
+    @torch.no_grad()
+    def rotate_and_slice(
+        self, model: nn.Module, adapter: ModelAdapter, bases: list[torch.Tensor], kept: int, shortcuts: bool
+    ) -> dict[str, list[int]]:
+        """Apply the bases to every weight (bases[l] is block l's input basis, bases[l + 1] its output basis) and
+        delete the sliced rows/columns; return the new shapes (for the modeling file)."""
+        hidden = bases[0].shape[0]
+        resized: dict[str, list[int]] = {}
+        scale = R.norm_scale(hidden, kept)
+
+        def reader(ref: LinearRef, basis: torch.Tensor) -> None:
+            new = R.read_in_basis(ref.module.weight.data, basis.to(ref.module.weight.device))
+            bias = ref.module.bias.data.clone() if ref.module.bias is not None else None  # readers keep their bias
+            resize_module(ref.module, new.shape)
+            ref.module.weight.copy_(new)
+            if bias is not None:
+                ref.module.bias.copy_(bias)
+            resized[ref.name] = list(new.shape)
+
+        def writer(ref: LinearRef, basis: torch.Tensor) -> None:
+            bias = ref.module.bias.data if ref.module.bias is not None else None
+            new_w, new_b = R.write_in_basis(ref.module.weight.data, bias, basis.to(ref.module.weight.device))
+            resize_module(ref.module, new_w.shape)
+            ref.module.weight.copy_(new_w)
+            if new_b is not None:
+                ref.module.bias.copy_(new_b)
+            resized[ref.name] = list(new_w.shape)
+
+        def norm(path: str) -> None:
+            module = get_submodule(model, path)
+            resize_module(module, (kept,))
+            module.weight.fill_(scale)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+            resized[path] = [kept]
+
+        for path in adapter.spec.embeddings:
+            emb = get_submodule(model, path)
+            new = R.embed_in_basis(emb.weight.data, bases[0].to(emb.weight.device))
+            resize_module(emb, new.shape)
+            emb.weight.copy_(new)
+            resized[path] = list(new.shape)
+        for i in range(adapter.num_blocks):
+            refs = adapter.linears(i)
+            B_in, B_out = bases[i], bases[i + 1]
+            for ref in _by_role(refs, READER_ROLES["attn"]):
+                reader(ref, B_in)
+            for ref in _by_role(refs, WRITER_ROLES["attn"]) + _by_role(refs, WRITER_ROLES["mlp"]):
+                writer(ref, B_out)
+            for ref in _by_role(refs, READER_ROLES["mlp"]):
+                reader(ref, B_out)
+            for path in adapter.spec.norms.values():
+                norm(f"{adapter.block_name(i)}.{path}")
+            if shortcuts:
+                block = adapter.blocks[i]
+                value = R.shortcut(B_in, B_out).to(next(block.parameters()).device)
+                add_shortcut(block, kept, adapter.spec.norms["attn_in"], value)
+        norm(adapter.spec.final_norm)
+        head = model.get_output_embeddings()
+        reader(LinearRef("lm_head", "head", "", head), bases[-1])
+        return resized
+
+    # ------------------------------------------------------------------ run
+    def run(self, ctx: PruneContext) -> StepReport:
+        start = time.perf_counter()
+        c = self.config
+        model, adapter = ctx.model, ctx.adapter
+        report = StepReport(c.method, c.to_dict(), c.non_default_dict())
+        params_before = sum(p.numel() for p in model.parameters())
+        hidden = model.config.hidden_size
+        kept = R.sliced_dim(hidden, c.slicing, c.round_to)
+        family = adapter.model_type
+        notes = self.make_rotation_invariant(model, adapter)
+        engine = ctx.engine()
+        if c.rotation == "shared":
+            Q = self.shared_basis(engine)[:, :kept]
+            bases = [Q] * (adapter.num_blocks + 1)
+        else:
+            bases = self.per_block_bases(engine, adapter, kept)
+        rms_paths = [n for n, m in model.named_modules() if type(m).__name__ == "RMSLayerNorm"]
+        shortcuts = c.rotation == "per_block"
+        resized = self.rotate_and_slice(model, adapter, bases, kept, shortcuts)
+        spec = {
+            "hidden": kept,
+            "original_hidden": hidden,
+            "resize": resized,
+            "rms_layernorm": rms_paths,
+            "shortcuts": adapter.blocks_path if shortcuts else None,
+            "attn_in_norm": adapter.spec.norms["attn_in"],
+            "add_bias": self.added_bias,
+        }
+        ctx.model = self.finalize(
+            model,
+            spec,
+            family,
+            plain=not shortcuts and not rms_paths and not self.added_bias and family in PLAIN_WHEN_SHARED,
+        )
+        params_after = sum(p.numel() for p in ctx.model.parameters())
+        report.details = {
+            "hidden_size": [hidden, kept],
+            "rotation": c.rotation,
+            "params": [params_before, params_after],
+            "saved_as": "modeling file + auto_map (load with trust_remote_code=True)"
+            if hasattr(ctx.model.config, "hf_prune_slicing")
+            else "plain transformers class",
+            "notes": notes,
+        }
+        logger.info(
+            "slicegpt: hidden %d -> %d (%s), parameters %s -> %s",
+            hidden,
+            kept,
+            c.rotation,
+            f"{params_before:,}",
+            f"{params_after:,}",
+        )
+        report.time_s = time.perf_counter() - start
+        return report
+
+    @staticmethod
+    def finalize(model: nn.Module, spec: dict[str, Any], family: str, plain: bool) -> nn.Module:
+        """Rebuild the sliced model as a class that save_pretrained / from_pretrained understand."""
+        state = model.state_dict()
+        config = model.config
+        config.tie_word_embeddings = False
+        if plain:
+            new_config = type(config).from_dict(
+                {
+                    **config.to_dict(),
+                    "hidden_size": spec["hidden"],
+                    "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                }
+            )
+            new_model = type(model)(new_config)
+        else:
+            from .remote import sliced_classes
+
+            config_cls, model_cls = sliced_classes(model)
+            data = config.to_dict()
+            data.pop("model_type", None)
+            data["hf_prune_slicing"] = spec
+            new_model = model_cls(config_cls.from_dict(data))
+        missing, unexpected = new_model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"slicegpt: rebuilt model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        new_model.to(next(model.parameters()).device).eval()
+        for attr in ("pruning_config",):
+            if hasattr(config, attr):
+                setattr(new_model.config, attr, getattr(config, attr))
+        new_model.name_or_path = getattr(model, "name_or_path", "")
+        return new_model
