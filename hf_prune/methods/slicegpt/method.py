@@ -17,7 +17,7 @@ from ...report import StepReport
 from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
 from . import rotation as R
-from .runtime import add_shortcut, resize_module, to_rms_layernorm
+from .runtime import add_shortcuts, resize_module, to_rms_layernorm
 
 READER_ROLES = {"attn": ("q", "k", "v", "qkv"), "mlp": ("gate", "up", "gate_up")}
 WRITER_ROLES = {"attn": ("o",), "mlp": ("down",)}
@@ -182,35 +182,53 @@ class SliceGPTMethod(PruningMethod):
         return R.principal_basis(cov)[0]
 
     @torch.no_grad()
-    def per_block_bases(self, engine: BlockwiseEngine, adapter: ModelAdapter, kept: int) -> list[torch.Tensor]:
-        """Block by block on the already sliced model (simulated in full coordinates by projections):
-        basis 0 from the embeddings; basis l+1 from the stream after block l's attention and after its MLP."""
-        bases: list[torch.Tensor] = []
+    def per_block_bases(
+        self, engine: BlockwiseEngine, adapter: ModelAdapter, kept: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Block by block on the already sliced model (simulated in full coordinates by projections), as SliceGPT
+        does: the stream's basis A_0 from the embeddings; for block l, the MLP-input basis M_l from the stream after
+        its attention, and its output basis A_{l+1} from the stream after its MLP. Returns ([A_0..A_L], [M_0..])."""
+        streams: list[torch.Tensor] = []
+        mlp_inputs: list[torch.Tensor] = []
         mlp_norm_path = adapter.spec.norms["mlp_in"]
         for step in engine.walk(desc="slicegpt: per-block PCA"):
             if step.index == 0:
-                bases.append(R.principal_basis(self._cov(step.inputs))[0][:, :kept])
-            B = bases[-1].to(step.inputs[0].dtype)
-            step.inputs = [x @ B @ B.t() for x in step.inputs]  # the sliced model's stream, in full coordinates
+                streams.append(R.principal_basis(self._cov(step.inputs))[0][:, :kept])
+            dtype = step.inputs[0].dtype
+            A = streams[-1].to(dtype)
+            step.inputs = [x @ A @ A.t() for x in step.inputs]  # the sliced model's stream, in full coordinates
             mlp_norm = get_submodule(step.block, mlp_norm_path)
             seen: list[torch.Tensor] = []
             with hooks([mlp_norm.register_forward_pre_hook(_recorder(seen))]):
+                step.forward(keep_outputs=False)
+            M = R.principal_basis(self._cov(seen))[0][:, :kept]
+            del seen[:]
+            P_M = (M @ M.t()).to(dtype)
+            with hooks([mlp_norm.register_forward_pre_hook(_projector(P_M))]):
                 outputs = step.forward()
-            M = R.principal_basis(self._cov(seen) + self._cov(outputs))[0][:, :kept]
-            bases.append(M)
-            P = (M @ M.t()).to(step.inputs[0].dtype)
-            with hooks([mlp_norm.register_forward_pre_hook(_projector(P))]):
+            A_next = R.principal_basis(self._cov(outputs))[0][:, :kept]
+            P_A = (A_next @ A_next.t()).to(dtype)
+            # The sliced block: the residual lives in A_next; the MLP reads its projection onto M.
+            with hooks([mlp_norm.register_forward_pre_hook(_projector(P_A @ P_M))]):
                 outputs = step.forward()
-            step.info["outputs"] = [y @ P for y in outputs]
-        return bases
+            step.info["outputs"] = [y @ P_A for y in outputs]
+            mlp_inputs.append(M)
+            streams.append(A_next)
+        return streams, mlp_inputs
 
     # ------------------------------------------------------------------ 3. rotate and slice
     @torch.no_grad()
     def rotate_and_slice(
-        self, model: nn.Module, adapter: ModelAdapter, bases: list[torch.Tensor], kept: int, shortcuts: bool
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        bases: list[torch.Tensor],
+        mlp_bases: list[torch.Tensor],
+        kept: int,
+        shortcuts: bool,
     ) -> dict[str, list[int]]:
-        """Apply the bases to every weight (bases[l] is block l's input basis, bases[l + 1] its output basis) and
-        delete the sliced rows/columns; return the new shapes (for the modeling file)."""
+        """Apply the bases to every weight (bases[l]: block l's input basis, bases[l + 1]: its output basis,
+        mlp_bases[l]: its MLP-input basis) and delete the sliced rows/columns; return the new shapes."""
         hidden = bases[0].shape[0]
         resized: dict[str, list[int]] = {}
         scale = R.norm_scale(hidden, kept)
@@ -249,19 +267,26 @@ class SliceGPTMethod(PruningMethod):
             resized[path] = list(new.shape)
         for i in range(adapter.num_blocks):
             refs = adapter.linears(i)
-            B_in, B_out = bases[i], bases[i + 1]
+            B_in, B_out, B_mlp = bases[i], bases[i + 1], mlp_bases[i]
             for ref in _by_role(refs, READER_ROLES["attn"]):
                 reader(ref, B_in)
             for ref in _by_role(refs, WRITER_ROLES["attn"]) + _by_role(refs, WRITER_ROLES["mlp"]):
                 writer(ref, B_out)
             for ref in _by_role(refs, READER_ROLES["mlp"]):
-                reader(ref, B_out)
+                reader(ref, B_mlp)
             for path in adapter.spec.norms.values():
                 norm(f"{adapter.block_name(i)}.{path}")
             if shortcuts:
                 block = adapter.blocks[i]
-                value = R.shortcut(B_in, B_out).to(next(block.parameters()).device)
-                add_shortcut(block, kept, adapter.spec.norms["attn_in"], value)
+                device = next(block.parameters()).device
+                add_shortcuts(
+                    block,
+                    kept,
+                    adapter.spec.norms["attn_in"],
+                    adapter.spec.norms["mlp_in"],
+                    R.shortcut(B_in, B_out).to(device),
+                    R.shortcut(B_out, B_mlp).to(device),
+                )
         norm(adapter.spec.final_norm)
         head = model.get_output_embeddings()
         reader(LinearRef("lm_head", "head", "", head), bases[-1])
@@ -281,12 +306,12 @@ class SliceGPTMethod(PruningMethod):
         engine = ctx.engine()
         if c.rotation == "shared":
             Q = self.shared_basis(engine)[:, :kept]
-            bases = [Q] * (adapter.num_blocks + 1)
+            bases, mlp_bases = [Q] * (adapter.num_blocks + 1), [Q] * adapter.num_blocks
         else:
-            bases = self.per_block_bases(engine, adapter, kept)
+            bases, mlp_bases = self.per_block_bases(engine, adapter, kept)
         rms_paths = [n for n, m in model.named_modules() if type(m).__name__ == "RMSLayerNorm"]
         shortcuts = c.rotation == "per_block"
-        resized = self.rotate_and_slice(model, adapter, bases, kept, shortcuts)
+        resized = self.rotate_and_slice(model, adapter, bases, mlp_bases, kept, shortcuts)
         spec = {
             "hidden": kept,
             "original_hidden": hidden,
@@ -294,6 +319,7 @@ class SliceGPTMethod(PruningMethod):
             "rms_layernorm": rms_paths,
             "shortcuts": adapter.blocks_path if shortcuts else None,
             "attn_in_norm": adapter.spec.norms["attn_in"],
+            "mlp_in_norm": adapter.spec.norms["mlp_in"],
             "add_bias": self.added_bias,
         }
         ctx.model = self.finalize(

@@ -4,9 +4,11 @@ copied verbatim into the modeling file written next to a sliced checkpoint, and 
 A slicing spec (``config.hf_prune_slicing``) says:
   resize:        {module path: new shape}  Linear [out, in], Embedding [num, dim], norm [dim]
   rms_layernorm: [module paths]            LayerNorms that stop subtracting the mean (SliceGPT's RMSN)
-  shortcuts:     blocks path or null       per-block rotations: each block holds a d' x d' matrix
-                                           ``hf_prune_shortcut`` applied to its residual input
-  attn_in_norm:  path of the attention-input norm inside a block
+  shortcuts:     blocks path or null       per-block rotations: each block holds two d' x d' matrices:
+                                           ``hf_prune_shortcut`` maps its input to its output basis (the residual),
+                                           ``hf_prune_mlp_shortcut`` maps the stream into the MLP's input basis
+  attn_in_norm:  path of the attention-input norm inside a block (it reads the block input as it came in)
+  mlp_in_norm:   path of the MLP-input norm inside a block
   add_bias:      [module paths]            Linears that gain a bias (a LayerNorm shift folded into them)
 """
 
@@ -91,8 +93,14 @@ def _block_pre_hook(block, args, kwargs):
     return args, kwargs
 
 
-def _attach_shortcut(block, attn_in_norm):
-    """The block's residual sees its input times the shortcut (new basis); its attention norm sees the input."""
+def _mlp_pre_hook(norm, args):
+    hidden = args[0]
+    return (hidden @ norm._hf_prune_block.hf_prune_mlp_shortcut.to(hidden.dtype),) + tuple(args[1:])
+
+
+def _attach_shortcuts(block, attn_in_norm, mlp_in_norm):
+    """The residual carries the block input times ``hf_prune_shortcut`` (the output basis); the attention norm
+    reads the input as it came in; the MLP norm reads the stream times ``hf_prune_mlp_shortcut``."""
     norm = block.get_submodule(attn_in_norm)
 
     def norm_pre_hook(module, args):
@@ -102,14 +110,18 @@ def _attach_shortcut(block, attn_in_norm):
 
     block.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
     norm.register_forward_pre_hook(norm_pre_hook)
+    mlp_norm = block.get_submodule(mlp_in_norm)
+    object.__setattr__(mlp_norm, "_hf_prune_block", block)  # a plain reference, not a submodule
+    mlp_norm.register_forward_pre_hook(_mlp_pre_hook)
 
 
-def add_shortcut(block, dim, attn_in_norm, value=None):
+def add_shortcuts(block, dim, attn_in_norm, mlp_in_norm, residual=None, mlp=None):
     ref = next(block.parameters())
-    data = torch.empty(dim, dim, dtype=ref.dtype, device=ref.device) if value is None else value.to(ref.dtype)
-    block.register_parameter("hf_prune_shortcut", nn.Parameter(data, requires_grad=False))
+    for name, value in (("hf_prune_shortcut", residual), ("hf_prune_mlp_shortcut", mlp)):
+        data = torch.empty(dim, dim, dtype=ref.dtype, device=ref.device) if value is None else value.to(ref.dtype)
+        block.register_parameter(name, nn.Parameter(data, requires_grad=False))
     block._hf_prune_stream = None
-    _attach_shortcut(block, attn_in_norm)
+    _attach_shortcuts(block, attn_in_norm, mlp_in_norm)
 
 
 def apply_slicing(model, spec):
@@ -124,4 +136,4 @@ def apply_slicing(model, spec):
     blocks_path = spec.get("shortcuts")
     if blocks_path:
         for block in model.get_submodule(blocks_path):
-            add_shortcut(block, spec["hidden"], spec["attn_in_norm"])
+            add_shortcuts(block, spec["hidden"], spec["attn_in_norm"], spec["mlp_in_norm"])
