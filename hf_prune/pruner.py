@@ -31,14 +31,57 @@ def resolve_model_path(model_id_or_path: str) -> str:
 
 
 def load_model_and_tokenizer(model_id_or_path: str, *, tokenizer: Any = None, **model_kwargs) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a causal LM or a VLM (for a VLM, the tokenizer is its processor's)."""
+    model, tokenizer, _ = load_pretrained(model_id_or_path, tokenizer=tokenizer, **model_kwargs)
+    return model, tokenizer
+
+
+def _is_vlm_config(path: str, model_kwargs: dict) -> bool:
+    from transformers import PretrainedConfig
+
+    from .adapters import VLM_FAMILIES
+
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(path, revision=model_kwargs.get("revision"))
+    except Exception:  # noqa: BLE001 - from_pretrained will explain
+        return False
+    return config_dict.get("model_type") in VLM_FAMILIES
+
+
+def load_pretrained(model_id_or_path: str, *, tokenizer: Any = None, **model_kwargs) -> tuple[nn.Module, Any, Any]:
+    """(model, tokenizer, processor or None): ``AutoModelForImageTextToText`` + ``AutoProcessor`` for the VLMs of
+    the adapter table, ``AutoModelForCausalLM`` + ``AutoTokenizer`` otherwise. A saved visual-token setting is
+    turned on."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     path = resolve_model_path(model_id_or_path)
-    model = _load_known_remote_code(path, model_kwargs) or AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+    trust = model_kwargs.get("trust_remote_code", False)
+    processor = None
+    if _is_vlm_config(path, model_kwargs):
+        model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
+        tokenizer = tokenizer or getattr(processor, "tokenizer", None)
+    else:
+        model = _load_known_remote_code(path, model_kwargs) or AutoModelForCausalLM.from_pretrained(
+            path, **model_kwargs
+        )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     model.eval()
-    return model, tokenizer
+    _restore_visual_tokens(model)
+    return model, tokenizer, processor
+
+
+def _restore_visual_tokens(model: nn.Module) -> None:
+    steps = (getattr(model.config, PRUNING_CONFIG_KEY, None) or {}).get("steps", [])
+    for step in steps:
+        if step.get("method") == "visual_tokens":
+            from .vlm.tokens import enable_visual_token_pruning
+
+            enable_visual_token_pruning(model, **{k: step[k] for k in ("strategy", "keep", "layer", "score", "seed")})
+            logger.info(
+                "Visual-token pruning re-enabled from pruning_config: %s keep=%s", step["strategy"], step["keep"]
+            )
 
 
 def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
@@ -72,9 +115,12 @@ class HFPruner:
         pruner.save_pretrained("out/")
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, recipe: Recipe | dict | str | None = None):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any = None, recipe: Recipe | dict | str | None = None, processor: Any = None
+    ):
         self.model = model
-        self.tokenizer = tokenizer
+        self.processor = processor
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.recipe = Recipe.load(recipe)
         self.adapter = ModelAdapter(model)
         self.report: PruningReport | None = None
@@ -106,8 +152,8 @@ class HFPruner:
         model_id = model_id_or_path or recipe.model
         if not model_id:
             raise RecipeError("No model given: pass model_id_or_path or set 'model:' in the recipe.")
-        model, tokenizer = load_model_and_tokenizer(model_id, tokenizer=tokenizer, **model_kwargs)
-        pruner = cls(model, tokenizer, recipe)
+        model, tokenizer, processor = load_pretrained(model_id, tokenizer=tokenizer, **model_kwargs)
+        pruner = cls(model, tokenizer, recipe, processor=processor)
         pruner._source = resolve_model_path(model_id)
         pruner._base_model = model_id
         return pruner
@@ -119,7 +165,7 @@ class HFPruner:
         if not recipe.steps:
             raise RecipeError("The recipe has no steps. Add e.g. steps: [{method: wanda, sparsity: 0.5}].")
         start = time.perf_counter()
-        ctx = PruneContext(self.model, self.tokenizer, self.adapter, recipe.calibration)
+        ctx = PruneContext(self.model, self.tokenizer, self.adapter, recipe.calibration, processor=self.processor)
         methods = [get_method(step.method).method_cls(step) for step in recipe.steps]
         for method in methods:
             method.preflight(ctx)
@@ -295,7 +341,9 @@ class HFPruner:
                 )
             else:
                 self.model.save_pretrained(str(tmp), **kwargs)
-            if self.tokenizer is not None:
+            if self.processor is not None:
+                self.processor.save_pretrained(str(tmp))
+            elif self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(tmp))
             if self.report is not None:
                 self.report.to_json(str(tmp / "pruning_report.json"))

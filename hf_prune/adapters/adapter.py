@@ -9,7 +9,9 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..utils import logger
-from .table import FAMILIES, ArchSpec
+from .table import FAMILIES, TEXT_ALIASES, VLM_FAMILIES, ArchSpec, VLMSpec, prefixed
+
+COMPONENTS = ("language", "vision")
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -57,12 +59,36 @@ class ModelAdapter:
     Args:
         model: a loaded ``transformers`` model.
         spec: override the table (for remote-code models with their own layout).
+        component: for vision-language models, ``language`` (the decoder, default) or ``vision`` (the vision
+            tower's blocks).
     """
 
-    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None, component: str = "language"):
+        if component not in COMPONENTS:
+            raise UnsupportedModelError(f"component must be one of {COMPONENTS}, got {component!r}.")
         self.model = model
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        self.component = component
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
         self.model_type = model_type
+        self.vlm: VLMSpec | None = VLM_FAMILIES.get(model_type)
+        if self.vlm is None and component == "vision":
+            raise UnsupportedModelError(
+                f"'{model_type}' is not a vision-language model in the table: no vision tower."
+            )
+        if self.vlm is not None and spec is None:
+            if component == "vision":
+                self.spec, self.family = None, f"{model_type}:vision"
+                self.blocks_path = self.vlm.vision_blocks
+                self._block_list = get_submodule(model, self.blocks_path)
+                return
+            text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+            text_type = TEXT_ALIASES.get(text_type, text_type)
+            if text_type in FAMILIES:
+                spec = prefixed(FAMILIES[text_type], self.vlm.language_model)
+                self.text_model_type = text_type
+            else:
+                self.blocks_path = f"{self.vlm.language_model}.layers"
         if spec is None and model_type in FAMILIES:
             spec = FAMILIES[model_type]
             if not self._spec_matches(spec):
@@ -76,6 +102,8 @@ class ModelAdapter:
         if spec is not None:
             self.blocks_path = spec.blocks
             self.family = model_type or "custom"
+        elif self.vlm is not None:  # a VLM whose text decoder is not in the table: its layers, linears by name
+            self.family = f"{model_type}:fallback"
         else:
             self.blocks_path = self._discover_blocks()
             self.family = f"fallback:{type(model).__name__}"
@@ -140,6 +168,10 @@ class ModelAdapter:
 
     def all_linears(self) -> list[LinearRef]:
         return [ref for i in range(self.num_blocks) for ref in self.linears(i)]
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vlm is not None
 
     def embeddings(self) -> list[nn.Module]:
         if self.spec is not None:

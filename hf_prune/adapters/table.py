@@ -101,6 +101,52 @@ GPT2 = ArchSpec(
     attention="attn",
 )
 
+
+# Vision-language models: where the language model, the vision tower's blocks and the projector live. The language
+# model's own layout comes from the text family's row above (text_config.model_type), with paths prefixed.
+@dataclass(frozen=True)
+class VLMSpec:
+    language_model: str  # the decoder stack (holds .layers, .embed_tokens, .norm)
+    vision_blocks: str
+    projector: str
+    image_prompt: str  # what a prompt holds for one image, before the processor expands it
+
+
+_QWEN_VL = VLMSpec(
+    "model.language_model", "model.visual.blocks", "model.visual.merger", "<|vision_start|><|image_pad|><|vision_end|>"
+)
+_IDEFICS3 = VLMSpec("model.text_model", "model.vision_model.encoder.layers", "model.connector", "<image>")
+VLM_FAMILIES: dict[str, VLMSpec] = {
+    "llava": VLMSpec(
+        "model.language_model", "model.vision_tower.encoder.layers", "model.multi_modal_projector", "<image>\n"
+    ),
+    "qwen2_vl": _QWEN_VL,
+    "qwen2_5_vl": _QWEN_VL,
+    "idefics3": _IDEFICS3,
+    "smolvlm": _IDEFICS3,
+    "gemma3": VLMSpec(
+        "model.language_model", "model.vision_tower.encoder.layers", "model.multi_modal_projector", "<start_of_image>"
+    ),
+}
+# Text decoders of VLMs whose layout is a row of FAMILIES under another name.
+TEXT_ALIASES = {"qwen2_vl_text": "qwen2", "qwen2_5_vl_text": "qwen2"}
+
+
+def prefixed(spec: ArchSpec, prefix: str) -> ArchSpec:
+    """A text family's spec moved under ``prefix`` (the language model inside a VLM); block-relative paths stay."""
+    return ArchSpec(
+        blocks=f"{prefix}.layers",
+        linears=spec.linears,
+        norms=spec.norms,
+        embeddings=(f"{prefix}.embed_tokens",),
+        final_norm=f"{prefix}.norm",
+        lm_head=spec.lm_head,
+        attention=spec.attention,
+        mlp=spec.mlp,
+        notes=spec.notes,
+    )
+
+
 FAMILIES: dict[str, ArchSpec] = {
     "llama": LLAMA,
     "mistral": LLAMA,

@@ -23,6 +23,8 @@ class CalibrationConfig(StrictConfig):
         seed: seeds the document order and window offsets.
         batch_size: samples per block forward; 0 = all of them when they fit in memory (one forward per block).
         text_field, split, dataset_config, data_files: how to read records and datasets.
+        image_field: for vision-language models, the image column of an image-text dataset. The source may also
+            be a folder of images with captions, or ``skimage`` (scikit-image's photos with Wikipedia text).
     """
 
     source: Any = "fortunes"
@@ -34,6 +36,7 @@ class CalibrationConfig(StrictConfig):
     split: str = "train"
     dataset_config: str | None = None
     data_files: Any = None
+    image_field: str = "image"
 
     def validate(self) -> None:
         if not isinstance(self.nsamples, int) or self.nsamples < 1:

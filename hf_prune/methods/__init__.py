@@ -5,6 +5,7 @@ from .depth import DepthConfig, DepthMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
 from .slicegpt import SliceGPTConfig, SliceGPTMethod
 from .sparsegpt import SparseGPTConfig, SparseGPTMethod
+from .visual_tokens import VisualTokensConfig, VisualTokensMethod
 from .wanda import WandaConfig, WandaMethod
 
 register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
@@ -12,6 +13,7 @@ register_method("wanda", WandaConfig, WandaMethod)
 register_method("sparsegpt", SparseGPTConfig, SparseGPTMethod)
 register_method("depth", DepthConfig, DepthMethod)
 register_method("slicegpt", SliceGPTConfig, SliceGPTMethod)
+register_method("visual_tokens", VisualTokensConfig, VisualTokensMethod)
 
 __all__ = [
     "DepthConfig",
@@ -22,6 +24,8 @@ __all__ = [
     "SliceGPTMethod",
     "SparseGPTConfig",
     "SparseGPTMethod",
+    "VisualTokensConfig",
+    "VisualTokensMethod",
     "WandaConfig",
     "WandaMethod",
 ]

@@ -8,6 +8,7 @@ otherwise), and the checks after pruning.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import weakref
@@ -41,8 +42,15 @@ class PruneContext:
     tokenizer: Any
     adapter: ModelAdapter
     calibration: CalibrationConfig
+    processor: Any = None
     _windows: torch.Tensor | None = None
+    _image_batches: list[dict] | None = None
     calibration_info: dict[str, Any] | None = None
+
+    def uses_images(self) -> bool:
+        from ..vlm.data import is_image_source
+
+        return self.processor is not None and self.adapter.is_vlm and is_image_source(self.calibration.source)
 
     def seqlen(self) -> int:
         if self.calibration.seqlen:
@@ -72,9 +80,35 @@ class PruneContext:
         return self._windows
 
     def engine(self) -> BlockwiseEngine:
+        if self.uses_images():
+            return BlockwiseEngine(self.model, self.adapter, self.image_batches())
         return BlockwiseEngine.from_input_ids(
             self.model, self.adapter, self.calibration_ids(), batch_size=self.calibration.batch_size or None
         )
+
+    def image_batches(self) -> list[dict]:
+        """Image + text calibration samples for a VLM, one per chunk (through the processor)."""
+        if self._image_batches is None:
+            from ..vlm.data import image_text_batches
+
+            c = self.calibration
+            self._image_batches, self.calibration_info = image_text_batches(
+                c.source,
+                self.processor,
+                self.adapter.vlm.image_prompt,
+                c.nsamples,
+                c.seqlen,
+                c.seed,
+                image_field=c.image_field,
+                **c.source_kwargs(),
+            )
+        return self._image_batches
+
+    def for_component(self, component: str) -> PruneContext:
+        """The same context (and calibration data) looking at another part of a VLM (``language`` or ``vision``)."""
+        if self.uses_images():
+            self.image_batches()
+        return dataclasses.replace(self, adapter=ModelAdapter(self.model, component=component))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,6 +160,7 @@ class WeightPruningConfig(StepConfig):
         owl_m: OWL's outlier threshold, a multiple of the block's mean |W| * ||X|| score.
         owl_lambda: OWL's lambda: block sparsities span at most 2 * lambda, each within ``sparsity`` +- 2 * lambda
             (+- lambda when the outlier ratios spread evenly), and average exactly to ``sparsity``.
+        component: for vision-language models: ``language`` (default), ``vision`` (the vision tower) or ``all``.
     """
 
     sparsity: float | None = None
@@ -136,6 +171,7 @@ class WeightPruningConfig(StepConfig):
     sparsity_profile: str = "uniform"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
+    component: str = "language"
 
     def validate(self) -> None:
         try:
@@ -156,6 +192,8 @@ class WeightPruningConfig(StepConfig):
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}.")
         self.sparsity = float(self.sparsity)
+        if self.component not in ("language", "vision", "all"):
+            raise RecipeError(f"component must be 'language', 'vision' or 'all', got {self.component!r}.")
         if self.sparsity_profile not in ("uniform", "owl"):
             raise RecipeError(f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}.")
         if self.sparsity_profile == "owl":
@@ -240,7 +278,19 @@ class WeightPruningMethod(PruningMethod):
         (new weight or None, mask of pruned entries)."""
 
     # ---- orchestration ----------------------------------------------------------------------------------
+    def components(self, ctx: PruneContext) -> list[PruneContext]:
+        comp = self.config.component
+        if comp == "language":
+            return [ctx]
+        if not ctx.adapter.is_vlm:
+            raise RecipeError(f"component={comp!r} needs a vision-language model; this is {ctx.adapter.family}.")
+        return [ctx.for_component("vision")] + ([ctx] if comp == "all" else [])
+
     def preflight(self, ctx: PruneContext) -> None:
+        for part in self.components(ctx):
+            self._preflight_one(part)
+
+    def _preflight_one(self, ctx: PruneContext) -> None:
         structure = self.config.parsed_structure
         refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
         if structure.is_nm:
@@ -269,6 +319,13 @@ class WeightPruningMethod(PruningMethod):
     def run(self, ctx: PruneContext) -> StepReport:
         start = time.perf_counter()
         report = StepReport(self.config.method, self.config.to_dict(), self.config.non_default_dict())
+        for part in self.components(ctx):
+            self._run_one(part, report)
+            ctx.calibration_info = ctx.calibration_info or part.calibration_info
+        report.time_s = time.perf_counter() - start
+        return report
+
+    def _run_one(self, ctx: PruneContext, report: StepReport) -> None:
         refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
         by_block: dict[int, list[LinearRef]] = {}
         for ref in refs:
@@ -300,8 +357,6 @@ class WeightPruningMethod(PruningMethod):
                     step.info["outputs"] = self._one_pass(step, block_refs, s, report)
                 else:
                     self._two_pass(step, block_refs, s, report)
-        report.time_s = time.perf_counter() - start
-        return report
 
     def _one_pass(self, step: BlockStep, refs: list[LinearRef], sparsity: float, report: StepReport):
         """Prune each linear in a forward pre-hook as its inputs arrive; the block's outputs come out pruned."""
