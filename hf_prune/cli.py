@@ -168,6 +168,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 print(f"| {task} | {metric} | {value:.4f} |")
 
 
+def cmd_vlm_harness(args: argparse.Namespace) -> None:
+    from .checkpoint import atomic_write_folder, check_output_dir
+    from .vlm.harness import build_llava_smollm2
+
+    check_output_dir(args.output, args.overwrite, [])
+    model, processor = build_llava_smollm2()
+
+    def write(tmp):
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+
+    out = atomic_write_folder(args.output, write, args.overwrite)
+    print(f"Saved the LLaVA-style harness (SmolLM2-135M + RANDOM vision tower: untrained visual features) to {out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -251,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="out/demo", help="where the demo saves its models")
     p.add_argument("--quick", action="store_true", help="8 x 256 calibration tokens and 8 eval windows")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("vlm-harness", help="save the offline LLaVA-style test model (SmolLM2 + random vision tower)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_vlm_harness)
 
     p = sub.add_parser("methods", help="list the pruning methods")
     p.set_defaults(func=cmd_methods)

@@ -85,6 +85,7 @@ def test_per_block_saves_with_modeling_file_and_reloads_identically(family, tmp_
         assert torch.equal(
             remote.generate(IDS[:1], use_cache=True, **kwargs), remote.generate(IDS[:1], use_cache=False, **kwargs)
         )
+
     def block_params(model):
         return sum(p.numel() for p in ModelAdapter(model).blocks.parameters())
 
