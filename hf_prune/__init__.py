@@ -16,6 +16,7 @@ from .pruner import HFPruner  # noqa: E402
 from .recipe import Recipe  # noqa: E402
 from .registry import available_methods, get_method, register_method  # noqa: E402
 from .report import PruningReport  # noqa: E402
+from .streaming import prune_streaming  # noqa: E402
 
 __all__ = [
     "PERPLEXITY_CONVENTION",
@@ -33,5 +34,6 @@ __all__ = [
     "available_methods",
     "get_method",
     "perplexity",
+    "prune_streaming",
     "register_method",
 ]

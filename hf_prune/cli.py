@@ -75,6 +75,19 @@ def _finish(pruner, recipe, output: str | None, overwrite: bool, report_json: st
         print(f"Saved pruned model to {path}")
 
 
+def _streaming(recipe, model: str, output: str | None, overwrite: bool, report_json: str | None) -> None:
+    from .pruner import resolve_model_path
+    from .streaming import prune_streaming
+
+    if not output:
+        raise HFPruneError("Streaming writes the pruned checkpoint as it goes: give --output (or output.dir).")
+    report = prune_streaming(resolve_model_path(model), recipe, output, overwrite=overwrite)
+    print(report.to_markdown())
+    if report_json:
+        report.to_json(report_json)
+    print(f"Saved pruned model to {output}")
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     from .pruner import HFPruner
     from .recipe import Recipe
@@ -91,6 +104,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.eval:
         recipe_dict["eval"] = {"source": args.eval_text, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows}
     recipe = Recipe.from_dict(recipe_dict)
+    if args.streaming:
+        return _streaming(recipe, args.model, args.output, args.overwrite, args.report_json)
     pruner = HFPruner.from_pretrained(args.model, recipe=recipe, **_model_kwargs(args))
     _finish(pruner, recipe, args.output, args.overwrite, args.report_json)
 
@@ -102,6 +117,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     recipe = Recipe.from_yaml(args.recipe)
     if args.model:
         recipe.model = args.model
+    if recipe.output.streaming:
+        return _streaming(
+            recipe,
+            recipe.model,
+            args.output or recipe.output.dir,
+            args.overwrite or recipe.output.overwrite,
+            args.report_json,
+        )
     pruner = HFPruner.from_pretrained(recipe.model, recipe=recipe, **_model_kwargs(args))
     _finish(pruner, recipe, args.output, args.overwrite, args.report_json)
 
@@ -222,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder to save the pruned model into")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--report-json", help="also write the report as JSON here")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="prune a local safetensors checkpoint block by block without loading the whole model",
+    )
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("run", help="run a YAML recipe")

@@ -41,10 +41,12 @@ class EvalConfig(StrictConfig):
 
 @dataclass
 class OutputConfig(StrictConfig):
-    """Where ``hf-prune run`` saves the pruned model (and its report)."""
+    """Where ``hf-prune run`` saves the pruned model (and its report). ``streaming: true`` prunes a local
+    safetensors checkpoint block by block without loading the model (weight-pruning steps only)."""
 
     dir: str | None = None
     overwrite: bool = False
+    streaming: bool = False
 
 
 RECIPE_KEYS = ("model", "calibration", "steps", "heal", "eval", "output")

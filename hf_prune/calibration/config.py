@@ -25,6 +25,9 @@ class CalibrationConfig(StrictConfig):
         text_field, split, dataset_config, data_files: how to read records and datasets.
         image_field: for vision-language models, the image column of an image-text dataset. The source may also
             be a folder of images with captions, or ``skimage`` (scikit-image's photos with Wikipedia text).
+        activation_dtype: storage of the activations between blocks: ``auto`` (as computed), ``bfloat16``,
+            ``float16`` or ``float32`` (statistics are always accumulated in float32).
+        activation_dir: keep the activations between blocks in files under this folder instead of in memory.
     """
 
     source: Any = "fortunes"
@@ -37,14 +40,27 @@ class CalibrationConfig(StrictConfig):
     dataset_config: str | None = None
     data_files: Any = None
     image_field: str = "image"
+    activation_dtype: str = "auto"
+    activation_dir: str | None = None
 
     def validate(self) -> None:
         if not isinstance(self.nsamples, int) or self.nsamples < 1:
             raise RecipeError(f"calibration.nsamples must be a positive integer, got {self.nsamples!r}.")
         if self.seqlen is not None and (not isinstance(self.seqlen, int) or self.seqlen < 2):
             raise RecipeError(f"calibration.seqlen must be an integer >= 2, got {self.seqlen!r}.")
+        if self.activation_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise RecipeError(
+                "calibration.activation_dtype must be auto, float32, bfloat16 or float16, "
+                f"got {self.activation_dtype!r}."
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 0:
             raise RecipeError(f"calibration.batch_size must be >= 0 (0 = automatic), got {self.batch_size!r}.")
+
+    def engine_options(self) -> dict[str, Any]:
+        import torch
+
+        dtype = None if self.activation_dtype == "auto" else getattr(torch, self.activation_dtype)
+        return {"activation_dtype": dtype, "activation_dir": self.activation_dir}
 
     def source_kwargs(self) -> dict[str, Any]:
         return {

@@ -13,6 +13,8 @@ Nothing here knows about any pruning method.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,7 +94,7 @@ class BlockStep:
         block = block if block is not None else self.block
         outputs = []
         for hidden, call in zip(self.inputs, self.calls):
-            out = call.invoke(block, hidden)
+            out = call.invoke(block, hidden.to(self.engine.compute_dtype))
             if keep_outputs:
                 outputs.append(out.to(hidden.device))
         return outputs if keep_outputs else None
@@ -111,16 +113,33 @@ class BlockwiseEngine:
         batches: model inputs of every chunk, e.g. ``[{"input_ids": ids[0:8]}, {"input_ids": ids[8:16]}]``.
     """
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: Sequence[dict[str, torch.Tensor]]):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        batches: Sequence[dict[str, torch.Tensor]],
+        block_context: Callable = onloaded,
+        activation_dtype: torch.dtype | None = None,
+        activation_dir: str | None = None,
+    ):
         self.model = model
         self.adapter = adapter
         self.batches = list(batches)
+        self.block_context = block_context  # materializes a block while it is worked on (offload, streaming)
+        self.activation_dtype = activation_dtype  # storage dtype of activations between blocks (None: as computed)
+        self.activation_dir = activation_dir  # keep activations between blocks on disk, one file per chunk
+        self.compute_dtype: torch.dtype | None = None
         self._inputs: list[torch.Tensor] | None = None
         self._calls: list[list[BlockCall]] | None = None
 
     @classmethod
     def from_input_ids(
-        cls, model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int | None = None
+        cls,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        input_ids: torch.Tensor,
+        batch_size: int | None = None,
+        **options,
     ) -> BlockwiseEngine:
         n, seqlen = input_ids.shape
         if not batch_size:
@@ -128,7 +147,7 @@ class BlockwiseEngine:
         batches = [{"input_ids": input_ids[i : i + batch_size]} for i in range(0, n, batch_size)]
         if len(batches) > 1:
             logger.info("Calibration runs in %d chunks of up to %d samples.", len(batches), batch_size)
-        return cls(model, adapter, batches)
+        return cls(model, adapter, batches, **options)
 
     @property
     def num_chunks(self) -> int:
@@ -180,7 +199,16 @@ class BlockwiseEngine:
                 "The capture pass did not reach every decoder block once per chunk; this model's forward does not "
                 "call its blocks in order. Please report the architecture."
             )
-        self._inputs, self._calls = inputs, calls
+        self.compute_dtype = inputs[0].dtype
+        self._inputs, self._calls = self._store(inputs, -1), calls
+
+    def _store(self, chunks: list[torch.Tensor], index: int) -> Sequence[torch.Tensor]:
+        """Activations between blocks, in the storage dtype, in memory or on disk."""
+        if self.activation_dtype is not None:
+            chunks = [c.to(self.activation_dtype) for c in chunks]
+        if self.activation_dir is None:
+            return chunks
+        return DiskChunks(chunks, os.path.join(self.activation_dir, f"block{index + 1}"))
 
     # ------------------------------------------------------------------ walk
     def walk(self, desc: str = "blocks") -> Iterator[BlockStep]:
@@ -193,12 +221,19 @@ class BlockwiseEngine:
         bar = tqdm(range(self.adapter.num_blocks), desc=desc, leave=False)
         for i in bar:
             step = BlockStep(self, i, self.adapter.blocks[i], inputs, self._calls[i])
-            with onloaded(step.block):  # offloaded weights stay materialized while the block is worked on
+            with self.block_context(step.block):  # offloaded / streamed weights stay materialized meanwhile
                 yield step
                 outputs = step.info.pop("outputs", None)
                 if outputs is None:
                     outputs = step.forward()
-            inputs = outputs
+            previous = inputs
+            inputs = self._store(list(outputs), i)
+            if isinstance(previous, DiskChunks):
+                previous.remove()
+        if isinstance(inputs, DiskChunks):
+            final = [inputs[j] for j in range(len(inputs))]
+            inputs.remove()
+            inputs = final
         self.final_hidden = inputs
 
     def run(self, visit: Callable[[BlockStep], list[torch.Tensor] | None], desc: str = "blocks") -> list[torch.Tensor]:
@@ -208,6 +243,31 @@ class BlockwiseEngine:
             if outputs is not None:
                 step.info["outputs"] = outputs
         return self.final_hidden
+
+
+class DiskChunks(Sequence):
+    """Activation chunks kept in files (one per chunk) and read back one at a time."""
+
+    def __init__(self, chunks: list[torch.Tensor], folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        self.paths = []
+        for j, chunk in enumerate(chunks):
+            path = os.path.join(folder, f"{j}.pt")
+            torch.save(chunk.cpu(), path)
+            self.paths.append(path)
+        self.device = chunks[0].device if chunks else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        return torch.load(self.paths[j]).to(self.device)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextmanager

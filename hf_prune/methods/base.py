@@ -43,6 +43,7 @@ class PruneContext:
     adapter: ModelAdapter
     calibration: CalibrationConfig
     processor: Any = None
+    block_context: Any = onloaded  # how a block is materialized while worked on (offload hooks, streaming)
     _windows: torch.Tensor | None = None
     _image_batches: list[dict] | None = None
     calibration_info: dict[str, Any] | None = None
@@ -80,10 +81,12 @@ class PruneContext:
         return self._windows
 
     def engine(self) -> BlockwiseEngine:
+        options = self.calibration.engine_options()
+        options["block_context"] = self.block_context
         if self.uses_images():
-            return BlockwiseEngine(self.model, self.adapter, self.image_batches())
+            return BlockwiseEngine(self.model, self.adapter, self.image_batches(), **options)
         return BlockwiseEngine.from_input_ids(
-            self.model, self.adapter, self.calibration_ids(), batch_size=self.calibration.batch_size or None
+            self.model, self.adapter, self.calibration_ids(), batch_size=self.calibration.batch_size or None, **options
         )
 
     def image_batches(self) -> list[dict]:
@@ -336,7 +339,7 @@ class WeightPruningMethod(PruningMethod):
 
         if not self.needs_calibration:
             for i, block_refs in by_block.items():
-                with onloaded(ctx.adapter.blocks[i]):
+                with ctx.block_context(ctx.adapter.blocks[i]):
                     report.modules += [self._prune_ref(r, None, sparsities[i]) for r in block_refs]
         else:
             engine = ctx.engine()

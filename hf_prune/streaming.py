@@ -1,0 +1,253 @@
+"""Prune checkpoints bigger than memory: the model is a skeleton on the meta device; each decoder block is loaded
+from the safetensors shards when the engine reaches it, pruned, written to the output checkpoint, and dropped.
+
+Peak memory is one block's weights + its statistics + one block's calibration activations (optionally stored in
+bf16/fp16, or on disk), plus the input embeddings while the calibration inputs are captured; the output head is
+copied tensor by tensor and never held with a block. The output is the checkpoint the in-memory path writes: the
+same tensors, to the bit, for the same recipe and seed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .adapters import ModelAdapter
+from .checkpoint import atomic_write_folder, check_output_dir
+from .errors import HFPruneError, PruningCheckError, RecipeError
+from .methods.base import PruneContext
+from .recipe import Recipe
+from .registry import get_method
+from .report import PruningReport
+from .utils import logger, peak_rss_bytes
+
+STREAMABLE = ("magnitude", "wanda", "sparsegpt")
+INDEX = "model.safetensors.index.json"
+
+
+class ShardedCheckpoint:
+    """Read tensors by name from a folder of safetensors shards (``model.safetensors`` or an index)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.exists():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").exists():
+            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise HFPruneError(f"{self.folder} holds no model.safetensors nor {INDEX}: streaming reads safetensors.")
+        missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).exists()})
+        if missing:
+            raise HFPruneError(
+                f"The checkpoint at {self.folder} is incomplete: {len(missing)} shard file(s) listed in {INDEX} are "
+                f"missing ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}). Download it again."
+            )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return [k for k in self.weight_map if k.startswith(prefix)]
+
+    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.weight_map[key], []).append(key)
+        out = {}
+        for file, names in by_file.items():
+            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+    def size_bytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+
+
+def _materialize_outside_blocks(model: nn.Module, adapter: ModelAdapter, ckpt: ShardedCheckpoint) -> None:
+    """Give every parameter outside the decoder blocks real memory and its checkpoint value (buffers were built
+    for real by the skeleton: rotary tables, embedding scales)."""
+    prefix = adapter.blocks_path + "."
+    state = {k for k in model.state_dict() if not k.startswith(prefix)}
+    missing_in_ckpt = [k for k in state if k not in ckpt.weight_map]
+    values = ckpt.load([k for k in state if k in ckpt.weight_map])
+    for name, module in model.named_modules():
+        if name.startswith(prefix) or name == adapter.blocks_path:
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)):
+            full = f"{name}.{pname}" if name else pname
+            if p.device.type == "meta" and full in values:
+                module._parameters[pname] = nn.Parameter(values[full], requires_grad=False)
+        needs_rebuild = any(
+            b.device.type == "meta" and (f"{name}.{bn}" if name else bn) not in values
+            for bn, b in module.named_buffers(recurse=False)
+        )
+        if needs_rebuild:
+            rebuilt = type(module)(config=model.config.get_text_config())
+            for bn, buffer in rebuilt.named_buffers(recurse=False):
+                module._buffers[bn] = buffer
+        for bname in [n for n, _ in module.named_buffers(recurse=False)]:
+            full = f"{name}.{bname}" if name else bname
+            if full in values:
+                module._buffers[bname] = values[full]
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if not n.startswith(prefix) and p.device.type == "meta"]
+    if still_meta:
+        raise HFPruneError(f"Streaming could not find {still_meta[:3]} in the checkpoint ({missing_in_ckpt[:3]}).")
+
+
+class StreamingBlocks:
+    """Loads block i from the checkpoint on entry, writes it to the output shard on exit, then frees it."""
+
+    def __init__(self, adapter: ModelAdapter, ckpt: ShardedCheckpoint, out: Path, n_shards: int):
+        self.adapter, self.ckpt, self.out, self.n_shards = adapter, ckpt, out, n_shards
+        self.written: dict[int, list[str]] = {}
+        for block in adapter.blocks:
+            buffers = {n for n, _ in block.named_buffers()}
+            saved = set(block.state_dict())
+            if buffers - saved:
+                raise HFPruneError(
+                    f"Streaming does not support blocks with unsaved buffers ({sorted(buffers - saved)})."
+                )
+
+    def shard_name(self, index: int) -> str:
+        return f"model-{index + 1:05d}-of-{self.n_shards:05d}.safetensors"
+
+    @contextmanager
+    def __call__(self, block: nn.Module):
+        i = next(j for j, b in enumerate(self.adapter.blocks) if b is block)
+        prefix = f"{self.adapter.block_name(i)}."
+        tensors = self.ckpt.load(self.ckpt.keys(prefix))
+        block.to_empty(device="cpu")
+        missing, unexpected = block.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=False)
+        if missing or unexpected:
+            raise HFPruneError(
+                f"Block {i} does not match the checkpoint: missing {missing[:3]}, extra {unexpected[:3]}"
+            )
+        del tensors
+        try:
+            yield block
+            self.write(i, block)
+        finally:
+            block.to("meta")
+            gc.collect()
+
+    def write(self, i: int, block: nn.Module) -> None:
+        prefix = f"{self.adapter.block_name(i)}."
+        state = {prefix + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+        for name, value in state.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise PruningCheckError(f"{name} holds NaN or inf after pruning; nothing is saved.")
+        save_file(state, str(self.out / self.shard_name(i)), metadata={"format": "pt"})
+        self.written[i] = list(state)
+
+
+def prune_streaming(
+    model_path: str | os.PathLike,
+    recipe: Recipe | dict | str,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+) -> PruningReport:
+    """Prune a safetensors checkpoint block by block without loading the model, writing the result to
+    ``output_dir`` (a normal sharded HF checkpoint with ``pruning_config``).
+
+    Args:
+        model_path: a local checkpoint folder (``hf download`` a Hub model first).
+        recipe: steps limited to weight pruning (magnitude, wanda, sparsegpt; OWL included).
+        output_dir: the new checkpoint folder (never the input one).
+        overwrite: replace a non-empty output folder.
+        tokenizer: default the checkpoint's own.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    recipe = Recipe.load(recipe)
+    bad = [s.method for s in recipe.steps if s.method not in STREAMABLE]
+    if bad or not recipe.steps:
+        raise RecipeError(f"Streaming runs weight pruning ({', '.join(STREAMABLE)}); not {bad or 'an empty recipe'}.")
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise HFPruneError(f"Streaming needs a local checkpoint folder; {model_path} is not one.")
+    check_output_dir(output_dir, overwrite, [str(folder)])
+    ckpt = ShardedCheckpoint(folder)
+    config = AutoConfig.from_pretrained(folder)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) built for real
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    adapter = ModelAdapter(model)
+    _materialize_outside_blocks(model, adapter, ckpt)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
+    methods = [get_method(s.method).method_cls(s) for s in recipe.steps]
+    ctx = PruneContext(model, tokenizer, adapter, recipe.calibration)
+    for method in methods:
+        method.preflight(ctx)
+    n_shards = adapter.num_blocks + 1
+    report = PruningReport(model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks)
+
+    def write(tmp: Path) -> None:
+        blocks = StreamingBlocks(adapter, ckpt, tmp, n_shards)
+        ctx.block_context = blocks
+        for method in methods:
+            report.steps.append(method.run(ctx))
+        for i in range(adapter.num_blocks):  # blocks no step touched are copied as they are
+            if i not in blocks.written:
+                with blocks(adapter.blocks[i]):
+                    pass
+        prefix = adapter.blocks_path + "."
+        rest = {
+            k: v.detach().contiguous()
+            for k, v in model.state_dict().items()
+            if not k.startswith(prefix) and v.device.type != "meta"
+        }
+        if getattr(config, "tie_word_embeddings", False):
+            rest.pop("lm_head.weight", None)
+        rest = {k: v for k, v in rest.items() if k in ckpt.weight_map}
+        save_file(rest, str(tmp / f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"), metadata={"format": "pt"})
+        weight_map = {k: blocks.shard_name(i) for i, keys in blocks.written.items() for k in keys}
+        weight_map.update({k: f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors" for k in rest})
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        steps = [m.pruning_config() for m in methods]
+        config.pruning_config = {
+            "method": "+".join(s["method"] for s in steps),
+            "sparsity": steps[0].get("sparsity"),
+            "structure": steps[0].get("structure"),
+            "steps": steps,
+            "calibration": ctx.calibration_info,
+            "hf_prune_version": __version__,
+            "base_model": str(folder),
+            "streaming": True,
+        }
+        config.save_pretrained(str(tmp))
+        for extra in ("generation_config.json",):
+            if (folder / extra).exists():
+                shutil.copy(folder / extra, tmp / extra)
+        tokenizer.save_pretrained(str(tmp))
+        report.calibration = ctx.calibration_info
+        report.time_s = time.perf_counter() - start
+        report.peak_rss_bytes = peak_rss_bytes()
+        report.notes.append(
+            f"streaming: checkpoint {ckpt.size_bytes() / 2**20:.0f} MiB, peak RSS "
+            f"{report.peak_rss_bytes / 2**20:.0f} MiB"
+        )
+        report.to_json(str(tmp / "pruning_report.json"))
+
+    out = atomic_write_folder(output_dir, write, overwrite)
+    logger.info("Streaming: wrote %s (peak RSS %.0f MiB)", out, report.peak_rss_bytes / 2**20)
+    return report
