@@ -42,6 +42,10 @@ CONFIGS: dict[str, list[dict]] = {
     "sparsegpt-60-owl": [{"method": "sparsegpt", "sparsity": 0.6, "sparsity_profile": "owl"}],
     "sparsegpt-70-owl": [{"method": "sparsegpt", "sparsity": 0.7, "sparsity_profile": "owl"}],
 }
+for _pct in (10, 20, 25, 30):
+    for _rotation in ("per_block", "shared"):
+        _step = {"method": "slicegpt", "slicing": _pct / 100, "rotation": _rotation}
+        CONFIGS[f"slicegpt-{_pct}-{_rotation}"] = [_step]
 for _pct in (10, 20, 30):
     for _name, _criterion in (
         ("angular", "angular"),
