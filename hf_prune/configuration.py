@@ -60,3 +60,22 @@ class StrictConfig:
             if value != default:
                 out[f.name] = value
         return out
+
+
+@dataclasses.dataclass
+class TextSourceFields:
+    """Where text comes from: a built-in name, local file(s), a list of strings, or a dataset id (how to read it)."""
+
+    source: Any = "fortunes"
+    text_field: str = "text"
+    split: str = "train"
+    dataset_config: str | None = None
+    data_files: Any = None
+
+    def source_kwargs(self) -> dict[str, Any]:
+        return {
+            "text_field": self.text_field,
+            "split": self.split,
+            "dataset_config": self.dataset_config,
+            "data_files": self.data_files,
+        }

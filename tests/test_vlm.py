@@ -14,7 +14,7 @@ from hf_prune.pruner import load_pretrained
 from hf_prune.vlm import enable_visual_token_pruning
 from hf_prune.vlm.selection import budget, max_min_diverse
 
-from .vlm_models import N_IMAGE, VLM_FAMILIES, tiny_vlm
+from .vlm_models import CLIP, N_IMAGE, VLM_FAMILIES, tiny_vlm
 
 GEN = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 
@@ -111,14 +111,7 @@ def _tiny_llava_with_processor(tokenizer):
     tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     config = T.LlavaConfig(
-        vision_config=T.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=T.CLIPVisionConfig(**CLIP),
         text_config=T.LlamaConfig(
             vocab_size=len(tok),
             hidden_size=64,

@@ -13,6 +13,12 @@ TEXT = dict(
     max_position_embeddings=512,
 )
 VLM_FAMILIES = ["llava", "qwen2_vl", "idefics3", "gemma3"]
+SIGLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4
+)
+CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+)
 N_IMAGE = 16
 
 
@@ -30,14 +36,7 @@ def tiny_vlm(family: str, seed: int = 0):
     text = torch.randint(1, 900, (1, 12), generator=torch.Generator().manual_seed(seed))
     if family == "llava":
         config = T.LlavaConfig(
-            vision_config=T.CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=8,
-            ),
+            vision_config=T.CLIPVisionConfig(**CLIP),
             text_config=T.LlamaConfig(**TEXT),
             image_token_id=999,
         )
@@ -66,14 +65,7 @@ def tiny_vlm(family: str, seed: int = 0):
     elif family == "idefics3":
         config = T.Idefics3Config(
             text_config=dict(model_type="llama", **TEXT),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=4,
-            ),
+            vision_config=SIGLIP,
             image_token_id=999,
             scale_factor=2,
         )
@@ -85,14 +77,7 @@ def tiny_vlm(family: str, seed: int = 0):
     elif family == "gemma3":
         config = T.Gemma3Config(
             text_config=dict(model_type="gemma3_text", **TEXT, head_dim=16, sliding_window=512),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=4,
-            ),
+            vision_config=SIGLIP,
             mm_tokens_per_image=N_IMAGE,
             image_token_index=999,
             boi_token_index=998,

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..configuration import StrictConfig
+from ..configuration import StrictConfig, TextSourceFields
 from ..errors import RecipeError
 
 DEFAULT_SEQLEN = 2048
 
 
 @dataclass
-class CalibrationConfig(StrictConfig):
+class CalibrationConfig(TextSourceFields, StrictConfig):
     """Where calibration text comes from and how much of it.
 
     Args:
@@ -30,15 +30,10 @@ class CalibrationConfig(StrictConfig):
         activation_dir: keep the activations between blocks in files under this folder instead of in memory.
     """
 
-    source: Any = "fortunes"
     nsamples: int = 128
     seqlen: int | None = None
     seed: int = 0
     batch_size: int = 0
-    text_field: str = "text"
-    split: str = "train"
-    dataset_config: str | None = None
-    data_files: Any = None
     image_field: str = "image"
     activation_dtype: str = "auto"
     activation_dir: str | None = None
@@ -61,11 +56,3 @@ class CalibrationConfig(StrictConfig):
 
         dtype = None if self.activation_dtype == "auto" else getattr(torch, self.activation_dtype)
         return {"activation_dtype": dtype, "activation_dir": self.activation_dir}
-
-    def source_kwargs(self) -> dict[str, Any]:
-        return {
-            "text_field": self.text_field,
-            "split": self.split,
-            "dataset_config": self.dataset_config,
-            "data_files": self.data_files,
-        }

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ..configuration import StrictConfig
+from ..configuration import StrictConfig, TextSourceFields
 from ..errors import RecipeError
 
 MASK_MODES = ("auto", "masked_lora", "shira", "none")
 
 
 @dataclass
-class HealConfig(StrictConfig):
+class HealConfig(TextSourceFields, StrictConfig):
     """Short PEFT training after pruning that keeps the sparsity.
 
     Args:
@@ -48,11 +47,6 @@ class HealConfig(StrictConfig):
     lora_dropout: float = 0.0
     mask: str = "auto"
     targets: list[str] | None = None
-    source: Any = "fortunes"
-    text_field: str = "text"
-    split: str = "train"
-    dataset_config: str | None = None
-    data_files: Any = None
     seed: int = 0
     distill: bool = False
     distill_alpha: float = 0.5
@@ -83,11 +77,3 @@ class HealConfig(StrictConfig):
             raise RecipeError(f"heal.teacher_cache must be 'memory' or 'disk', got {self.teacher_cache!r}.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise RecipeError(f"heal.precision must be auto, fp32 or bf16, got {self.precision!r}.")
-
-    def source_kwargs(self) -> dict[str, Any]:
-        return {
-            "text_field": self.text_field,
-            "split": self.split,
-            "dataset_config": self.dataset_config,
-            "data_files": self.data_files,
-        }
