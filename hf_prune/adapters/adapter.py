@@ -45,12 +45,13 @@ def in_features(module: nn.Module) -> int:
 
 @dataclass
 class LinearRef:
-    """One prunable linear: its full dotted name, its role, its path inside the block, and the module."""
+    """One prunable linear: its full dotted name, its role, its path inside the block, the module, its block."""
 
     name: str
     role: str
     local: str
     module: nn.Module
+    block: int = -1
 
 
 class ModelAdapter:
@@ -157,13 +158,13 @@ class ModelAdapter:
             for role, local in self.spec.linears.items():
                 module = get_submodule(block, local)
                 if module is not None and is_linear(module):
-                    refs.append(LinearRef(f"{prefix}.{local}", role, local, module))
+                    refs.append(LinearRef(f"{prefix}.{local}", role, local, module, index))
             known = {r.local for r in refs}
             extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m) and n not in known]
         else:
             extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m)]
         for local, module in extra:
-            refs.append(LinearRef(f"{prefix}.{local}", local.split(".")[-1], local, module))
+            refs.append(LinearRef(f"{prefix}.{local}", local.split(".")[-1], local, module, index))
         return refs
 
     def all_linears(self) -> list[LinearRef]:

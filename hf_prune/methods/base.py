@@ -332,7 +332,7 @@ class WeightPruningMethod(PruningMethod):
         refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
         by_block: dict[int, list[LinearRef]] = {}
         for ref in refs:
-            by_block.setdefault(int(ref.name[len(ctx.adapter.blocks_path) + 1 :].split(".")[0]), []).append(ref)
+            by_block.setdefault(ref.block, []).append(ref)
         sparsities = self.block_sparsities(ctx, by_block, report)
         if sparsities and len(set(sparsities.values())) > 1:
             report.details["block_sparsity"] = {int(k): round(v, 6) for k, v in sparsities.items()}
@@ -379,7 +379,7 @@ class WeightPruningMethod(PruningMethod):
 
         with hooks([r.module.register_forward_pre_hook(make_hook(r)) for r in refs]):
             outputs = step.forward()
-        self._prune_missed(refs, done, sparsity, report)
+        self._prune_missed(refs, done, report)
         return outputs
 
     def _two_pass(self, step: BlockStep, refs: list[LinearRef], sparsity: float, report: StepReport) -> None:
@@ -406,7 +406,7 @@ class WeightPruningMethod(PruningMethod):
                 continue
             report.modules.append(self._prune_ref(ref, shared.stats, sparsity))
             done.add(ref.name)
-        self._prune_missed(refs, done, sparsity, report)
+        self._prune_missed(refs, done, report)
 
     def _shared_for(self, x: torch.Tensor, ref: LinearRef, by_input: dict[int, _SharedStats]) -> _SharedStats:
         for key in [k for k, v in by_input.items() if v._last is not None and v._last() is None]:
@@ -416,7 +416,7 @@ class WeightPruningMethod(PruningMethod):
             shared = by_input[id(x)] = _SharedStats(self.make_stats(ref))
         return shared
 
-    def _prune_missed(self, refs, done, sparsity, report) -> None:
+    def _prune_missed(self, refs, done, report) -> None:
         missed = [r for r in refs if r.name not in done]
         if missed:
             logger.warning(
