@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner, Recipe
@@ -14,7 +15,7 @@ from hf_prune.methods.slicegpt import rotation as R
 from hf_prune.methods.slicegpt.method import SliceGPTConfig, SliceGPTMethod
 from hf_prune.pruner import load_model_and_tokenizer
 
-from .conftest import make_tiny_model
+from .conftest import VOCAB, make_tiny_model
 
 SLICEABLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "opt"]
 IDS = torch.randint(0, 3000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -109,6 +110,26 @@ def test_shared_rotation_is_a_plain_smaller_model(family, tmp_path, tokenizer, t
     assert report.steps[0].details["saved_as"] == "plain transformers class"
     tied = make_tiny_model(family).config.tie_word_embeddings
     assert any("untied" in n for n in report.steps[0].details["notes"]) == bool(tied)
+
+
+def test_shared_rotation_rounds_to_a_hidden_size_the_config_accepts(tmp_path, tokenizer, tiny_recipe):
+    # SmolLM2's head layout in small: 9 heads of 16, so LlamaConfig wants hidden_size % 9 == 0; 25% slicing of 144
+    # gives 108 -> 104 (multiple of 8), which LlamaConfig rejects: the largest accepted multiple of 8 below is 72.
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=144, intermediate_size=160, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=16, max_position_embeddings=1024,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "slicegpt", "slicing": 0.25, "rotation": "shared"}))
+    details = pruner.prune().steps[0].details
+    assert details["hidden_size"] == [144, 72]
+    assert any("instead of 104" in n and "multiple of the number of attention heads" in n for n in details["notes"])
+    out = pruner.save_pretrained(tmp_path / "shared")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # the plain class accepts it
+    assert reloaded.config.hidden_size == 72
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
 
 
 def test_shared_rotation_on_opt_needs_the_modeling_file(tmp_path, tokenizer, tiny_recipe):

@@ -303,14 +303,17 @@ class SliceGPTMethod(PruningMethod):
         kept = R.sliced_dim(hidden, c.slicing, c.round_to)
         family = adapter.model_type
         notes = self.make_rotation_invariant(model, adapter)
+        rms_paths = [n for n, m in model.named_modules() if type(m).__name__ == "RMSLayerNorm"]
+        shortcuts = c.rotation == "per_block"
+        plain = not shortcuts and not rms_paths and not self.added_bias and family in PLAIN_WHEN_SHARED
+        if plain:
+            kept = self.plain_hidden_size(model.config, kept, c.round_to, notes)
         engine = ctx.engine()
         if c.rotation == "shared":
             Q = self.shared_basis(engine)[:, :kept]
             bases, mlp_bases = [Q] * (adapter.num_blocks + 1), [Q] * adapter.num_blocks
         else:
             bases, mlp_bases = self.per_block_bases(engine, adapter, kept)
-        rms_paths = [n for n, m in model.named_modules() if type(m).__name__ == "RMSLayerNorm"]
-        shortcuts = c.rotation == "per_block"
         resized = self.rotate_and_slice(model, adapter, bases, mlp_bases, kept, shortcuts)
         spec = {
             "hidden": kept,
@@ -322,12 +325,7 @@ class SliceGPTMethod(PruningMethod):
             "mlp_in_norm": adapter.spec.norms["mlp_in"],
             "add_bias": self.added_bias,
         }
-        ctx.model = self.finalize(
-            model,
-            spec,
-            family,
-            plain=not shortcuts and not rms_paths and not self.added_bias and family in PLAIN_WHEN_SHARED,
-        )
+        ctx.model = self.finalize(model, spec, family, plain=plain)
         params_after = sum(p.numel() for p in ctx.model.parameters())
         report.details = {
             "hidden_size": [hidden, kept],
@@ -348,6 +346,33 @@ class SliceGPTMethod(PruningMethod):
         )
         report.time_s = time.perf_counter() - start
         return report
+
+    @staticmethod
+    def plain_hidden_size(config: Any, kept: int, round_to: int, notes: list[str]) -> int:
+        """The largest hidden size <= ``kept`` (a multiple of ``round_to``) that the model's own config class accepts.
+
+        A shared rotation saves the model as its plain transformers class, whose config may validate the shape (Llama
+        in transformers 5 wants hidden_size to be a multiple of num_attention_heads, even with an explicit
+        head_dim); slicing a little more is better than a checkpoint that will not load."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        first_error = None
+        for size in range(kept, 0, -round_to):
+            try:
+                type(config).from_dict({**config.to_dict(), "hidden_size": size, "head_dim": head_dim})
+            except Exception as err:  # huggingface_hub's StrictDataclass validation errors, or a plain ValueError
+                first_error = first_error or err
+                continue
+            if size != kept:
+                notes.append(
+                    f"hidden size {size} instead of {kept}: {type(config).__name__} rejects {kept} "
+                    f"({str(first_error).strip().splitlines()[-1].strip()})"
+                )
+                logger.warning("slicegpt: %s", notes[-1])
+            return size
+        raise RecipeError(
+            f"slicegpt: no hidden size <= {kept} (multiple of {round_to}) is accepted by {type(config).__name__}: "
+            f"{first_error}. Use rotation: per_block, or a different round_to."
+        )
 
     @staticmethod
     def finalize(model: nn.Module, spec: dict[str, Any], family: str, plain: bool) -> nn.Module:

@@ -1,10 +1,12 @@
-"""CPU speed of depth-pruned models: prefill of 512 tokens and greedy decode of 128 new tokens (KV cache),
-dense vs pruned, in one process on one machine; median of several runs.
+"""CPU speed of structurally pruned models (depth pruning, SliceGPT): prefill of 512 tokens and greedy decode of 128
+new tokens (KV cache), dense vs pruned, in one process on one machine; median of several runs.
 
-    python benchmarks/depth_speed.py --model packaged:smollm2-135m --ratios 0.1 0.2 0.3 --runs 5
+    python benchmarks/structured_speed.py --model packaged:smollm2-135m --ratios 0.1 0.2 0.3 --runs 5
+    python benchmarks/structured_speed.py --method slicegpt-shared --ratios 0.1 0.2 0.25 0.3
 
 Which blocks are removed does not matter for speed, only how many; the blocks are chosen by the angular criterion on
-a small calibration set so the pruned model is a real one. Prints a table; asserts nothing.
+a small calibration set (8 x 256 tokens of fortunes) so the pruned model is a real one; SliceGPT uses the same
+calibration. Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ def measure(model, ids: torch.Tensor, new_tokens: int, runs: int) -> tuple[float
     return statistics.median(prefill), statistics.median(decode)
 
 
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="packaged:smollm2-135m")
@@ -48,6 +54,12 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--method",
+        choices=["depth", "slicegpt-per_block", "slicegpt-shared"],
+        default="depth",
+        help="depth: remove this fraction of the blocks (angular); slicegpt-*: slice this fraction of the hidden size",
+    )
     args = parser.parse_args()
 
     from hf_prune import HFPruner
@@ -57,27 +69,28 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model)
     docs, _ = load_documents("wikipedia")
     ids = evaluation_tokens(docs, tokenizer, args.prefill)[: args.prefill].unsqueeze(0)
-    rows = [("dense", model.config.num_hidden_layers, *measure(model, ids, args.new_tokens, args.runs))]
+    rows = [("dense", num_params(model), *measure(model, ids, args.new_tokens, args.runs))]
     for ratio in args.ratios:
         model, tokenizer = load_model_and_tokenizer(args.model)
-        recipe = {
-            "calibration": {"source": "fortunes", "nsamples": 8, "seqlen": 256, "seed": 0},
-            "steps": [{"method": "depth", "criterion": "angular", "ratio": ratio}],
-        }
+        if args.method == "depth":
+            step = {"method": "depth", "criterion": "angular", "ratio": ratio}
+        else:
+            step = {"method": "slicegpt", "slicing": ratio, "rotation": args.method.split("-")[1]}
+        recipe = {"calibration": {"source": "fortunes", "nsamples": 8, "seqlen": 256, "seed": 0}, "steps": [step]}
         HFPruner(model, tokenizer, recipe).prune()
         rows.append(
-            (f"depth {ratio:.0%}", model.config.num_hidden_layers, *measure(model, ids, args.new_tokens, args.runs))
+            (f"{args.method} {ratio:.0%}", num_params(model), *measure(model, ids, args.new_tokens, args.runs))
         )
     print(
         f"\nModel {args.model}; prefill {args.prefill} tokens, greedy decode {args.new_tokens} new tokens with KV "
         f"cache; median of {args.runs} runs; fp32; {platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch threads {torch.get_num_threads()}."
     )
-    print("\n| model | blocks | prefill (s) | prefill speedup | decode (s) | decode speedup |")
+    print("\n| model | parameters | prefill (s) | prefill speedup | decode (s) | decode speedup |")
     print("|---|---|---|---|---|---|")
     base_p, base_d = rows[0][2], rows[0][3]
-    for name, blocks, p, d in rows:
-        print(f"| {name} | {blocks} | {p:.3f} | {base_p / p:.2f}x | {d:.2f} | {base_d / d:.2f}x |")
+    for name, params, p, d in rows:
+        print(f"| {name} | {params / 1e6:.1f} M | {p:.3f} | {base_p / p:.2f}x | {d:.2f} | {base_d / d:.2f}x |")
 
 
 if __name__ == "__main__":
