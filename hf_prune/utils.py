@@ -25,7 +25,18 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """Peak resident set size of this process so far.
+
+    On Linux, VmHWM of /proc/self/status: the peak of this process's own address space. (ru_maxrss is not: it keeps
+    the parent's resident size at fork through exec, so a process started by a big parent reports the parent's
+    size.) Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
