@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from hf_prune import HFPruner
-from hf_prune.adapters import ModelAdapter, weight_out_in
+from hf_prune.adapters import ModelAdapter, zero_fraction
 
 CALIB = {"source": "fortunes", "nsamples": 32, "seqlen": 512, "seed": 0}
 CASES = {
@@ -34,9 +34,7 @@ CASES = {
 
 
 def linear_sparsity(model) -> float:
-    refs = ModelAdapter(model).all_linears()
-    zeros = sum(int((weight_out_in(r.module) == 0).sum()) for r in refs)
-    return zeros / sum(weight_out_in(r.module).numel() for r in refs)
+    return zero_fraction(ModelAdapter(model).all_linears())
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def prune(out: str, names: list[str]) -> None:
 def evaluate(out: str, names: list[str]) -> None:
     import torch
 
-    from hf_prune.adapters import ModelAdapter, weight_out_in
+    from hf_prune.adapters import ModelAdapter, zero_fraction
     from hf_prune.eval.perplexity import perplexity
     from hf_prune.pruner import load_model_and_tokenizer
 
@@ -94,9 +94,7 @@ def evaluate(out: str, names: list[str]) -> None:
         model, tokenizer = load_model_and_tokenizer(data["model"])
         state = torch.load(os.path.join(out, f"{name}.pt"))
         model.load_state_dict(state, strict=False)
-        refs = ModelAdapter(model).all_linears()
-        zeros = sum(int((weight_out_in(r.module) == 0).sum()) for r in refs)
-        sparsity = zeros / sum(weight_out_in(r.module).numel() for r in refs)
+        sparsity = zero_fraction(ModelAdapter(model).all_linears())
         ppl = perplexity(model, tokenizer, "wikipedia", 512, 32)
         print(f"| {name} | {ppl:.2f} | {times[name]:.1f} | {sparsity:.4f} |")
 

@@ -1,6 +1,15 @@
 """Model adapters: the decoder blocks, linears, norms and embeddings of each architecture, found from data."""
 
-from .adapter import LinearRef, ModelAdapter, get_submodule, in_features, is_linear, is_transposed, weight_out_in
+from .adapter import (
+    LinearRef,
+    ModelAdapter,
+    get_submodule,
+    in_features,
+    is_linear,
+    is_transposed,
+    weight_out_in,
+    zero_fraction,
+)
 from .table import FAMILIES, LINEAR_ROLES, NORM_ROLES, VLM_FAMILIES, ArchSpec, VLMSpec
 
 __all__ = [
@@ -11,6 +20,7 @@ __all__ = [
     "VLMSpec",
     "VLM_FAMILIES",
     "LinearRef",
+    "zero_fraction",
     "ModelAdapter",
     "get_submodule",
     "in_features",

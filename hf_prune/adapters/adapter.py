@@ -54,6 +54,13 @@ class LinearRef:
     block: int = -1
 
 
+def zero_fraction(refs: list[LinearRef]) -> float:
+    """Fraction of exact zeros over the weights of these linears (0.0 for none)."""
+    total = sum(r.module.weight.numel() for r in refs)
+    zeros = sum(int((r.module.weight == 0).sum()) for r in refs)
+    return zeros / max(total, 1)
+
+
 class ModelAdapter:
     """Where the decoder blocks, linears, norms and embeddings of one loaded model are.
 

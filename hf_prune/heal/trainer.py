@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import ModelAdapter, is_transposed
+from ..adapters import ModelAdapter, is_transposed, zero_fraction
 from ..calibration.data import load_documents, sample_windows
 from ..calibration.engine import model_device
 from ..errors import HFPruneError, PruningCheckError
@@ -80,14 +80,13 @@ def _zero_masks(refs) -> dict[str, torch.Tensor]:
 
 
 def resolve_mask_mode(cfg: HealConfig, refs) -> str:
-    total = sum(r.module.weight.numel() for r in refs)
-    zeros = sum(int((r.module.weight == 0).sum()) for r in refs)
-    pruned = zeros / max(total, 1) >= PRUNED_FRACTION_FOR_MASKS
+    zeros = zero_fraction(refs)
+    pruned = zeros >= PRUNED_FRACTION_FOR_MASKS
     if cfg.mask == "auto":
         return "masked_lora" if pruned else "none"
     if cfg.mask in ("masked_lora", "shira") and not pruned:
         raise HFPruneError(
-            f"heal.mask={cfg.mask!r} keeps a pruning mask, but the target linears hold only {zeros / total:.2%} "
+            f"heal.mask={cfg.mask!r} keeps a pruning mask, but the target linears hold only {zeros:.2%} "
             "zeros: this model has no weight pruning to keep. Prune first, or use mask: none (plain LoRA) for dense, "
             "depth- or width-pruned models."
         )
