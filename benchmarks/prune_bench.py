@@ -124,10 +124,14 @@ def main() -> None:
         print("RESULT " + json.dumps(res, default=str))
         return
 
-    results = []
+    unknown = [name for name in args.configs if name not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    results = load_finished(args.out, args)
     for name in args.configs:
-        if name not in CONFIGS:
-            sys.exit(f"unknown config {name}; known: {', '.join(CONFIGS)}")
+        if any(r["config"] == name for r in results):
+            print(f"{name}: already in {args.out}, skipped", file=sys.stderr, flush=True)
+            continue
         cmd = [
             sys.executable,
             __file__,
@@ -153,6 +157,7 @@ def main() -> None:
             sys.exit(f"config {name} failed")
         res = json.loads(line[len("RESULT ") :])
         results.append(res)
+        save_results(args.out, args, results)
         print(f"{name}: ppl {res['ppl']:.3f}  prune {res.get('prune_s', 0):.1f}s", file=sys.stderr, flush=True)
 
     dense_fwd = next((r["dense_forward_s"] for r in results if "dense_forward_s" in r), None)
@@ -173,10 +178,31 @@ def main() -> None:
             f"| {r['config']} | {r['ppl']:.2f} | {sp} | {r.get('prune_s', 0):.1f} | {ratio} | "
             f"{r['peak_rss_prune_bytes'] / 2**30:.2f} |"
         )
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2, default=str)
+
+
+SETTING_KEYS = ("model", "nsamples", "seqlen", "eval_windows", "calib")
+
+
+def load_finished(out: str | None, args: argparse.Namespace) -> list[dict]:
+    """Results already in ``out`` from an interrupted run with the same setting, so a rerun resumes."""
+    if not out or not os.path.exists(out):
+        return []
+    with open(out) as f:
+        saved = json.load(f)
+    if any(saved["args"].get(k) != getattr(args, k) for k in SETTING_KEYS):
+        sys.exit(f"{out} holds results for another setting; pass a new --out or delete it")
+    return saved["results"]
+
+
+def save_results(out: str | None, args: argparse.Namespace, results: list[dict]) -> None:
+    """Write after every configuration (atomically), so an interrupted run loses at most one."""
+    if not out:
+        return
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=2, default=str)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
