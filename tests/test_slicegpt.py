@@ -66,6 +66,32 @@ def test_rotations_are_orthogonal_and_sorted():
     assert R.sliced_dim(576, 0.25) == 432 and R.sliced_dim(576, 0.3, 8) == 400 and R.sliced_dim(64, 0.0) == 64
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_per_block_shortcuts_are_exact_when_the_bases_span_one_subspace(family, monkeypatch, tokenizer, tiny_recipe):
+    # Per-block bases that are different orthonormal bases of the SAME kept subspace slice nothing more than one
+    # shared basis: with the shortcut matrices between them, the sliced model must give the shared model's logits.
+    # This checks the per-block machinery (rotations, d' x d' shortcuts, the MLP's own basis) at slicing > 0.
+    shared, _, _ = _slice(family, tokenizer, tiny_recipe, 0.25, "shared")
+
+    def rotated_shared_bases(self, engine, adapter, kept):
+        Q = self.shared_basis(engine)[:, :kept]
+        g = torch.Generator().manual_seed(0)
+
+        def rotated():
+            return Q @ torch.linalg.qr(torch.randn(kept, kept, generator=g, dtype=torch.float64))[0]
+
+        return [rotated() for _ in range(adapter.num_blocks + 1)], [rotated() for _ in range(adapter.num_blocks)]
+
+    monkeypatch.setattr(SliceGPTMethod, "per_block_bases", rotated_shared_bases)
+    per_block, report, _ = _slice(family, tokenizer, tiny_recipe, 0.25, "per_block")
+    assert report.steps[0].details["hidden_size"] == [64, 48]
+    assert hasattr(ModelAdapter(per_block.model).blocks[0], "hf_prune_shortcut")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            per_block.model(input_ids=IDS).logits, shared.model(input_ids=IDS).logits, rtol=1e-4, atol=1e-4
+        )
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "opt"])
 def test_per_block_saves_with_modeling_file_and_reloads_identically(family, tmp_path, tokenizer, tiny_recipe):
     pruner, report, _ = _slice(family, tokenizer, tiny_recipe, 0.25, "per_block")

@@ -1,0 +1,121 @@
+"""Why per-block SliceGPT rotations can lose to one shared rotation: measure the principal subspaces of a model's
+residual stream at every block boundary.
+
+For each boundary l (0: the embeddings, L: the last block's output) it prints the fraction of the stream's energy
+that the top-``kept`` principal directions keep, with that boundary's own basis (what per-block SliceGPT slices to)
+and with the one basis of all boundaries together (``rotation: shared``), and how much consecutive per-block bases
+overlap (||A_l^T A_{l+1}||_F^2 / kept; 1 = the same subspace). Then it follows the residual path: the stream at a
+boundary carried to the head through every later boundary's projection (per-block: the product of L - l + 1
+different projections; shared: one), as the fraction of its energy left.
+
+All on the dense model (no slicing), so it isolates the choice of bases from the slicing procedure.
+
+    python benchmarks/slicegpt_subspaces.py --model packaged:smollm2-135m --slicing 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from hf_prune.adapters import ModelAdapter
+from hf_prune.calibration.data import calibration_batch
+from hf_prune.methods.slicegpt import rotation as R
+from hf_prune.pruner import load_model_and_tokenizer
+
+
+def stream_statistics(model, windows: torch.Tensor, keep_at: set[int], chunk: int = 8):
+    """Uncentred covariance (float64) of the residual stream at every block boundary, and the stream itself at the
+    boundaries in ``keep_at``."""
+    blocks = ModelAdapter(model).blocks
+    covs: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in keep_at}
+
+    def record(index: int, hidden: torch.Tensor) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1]).double()
+        c = x.t() @ x
+        covs[index] = c if covs[index] is None else covs[index] + c
+        if index in kept:
+            kept[index].append(x)
+
+    def before(index):
+        return lambda m, args, kwargs: record(index, args[0] if args else kwargs["hidden_states"])
+
+    def after(m, args, kwargs, out):
+        record(len(blocks), out[0] if isinstance(out, (tuple, list)) else out)
+
+    handles = [b.register_forward_pre_hook(before(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(blocks[-1].register_forward_hook(after, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], chunk):
+                model(input_ids=windows[start : start + chunk], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return covs, {i: torch.cat(xs) for i, xs in kept.items()}
+
+
+def energy_kept(cov: torch.Tensor, basis: torch.Tensor) -> float:
+    return (torch.trace(basis.t() @ cov @ basis) / torch.trace(cov)).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="packaged:smollm2-135m")
+    parser.add_argument("--slicing", type=float, default=0.25)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calib", default="fortunes")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    windows, _ = calibration_batch(args.calib, tokenizer, args.nsamples, args.seqlen, 0)
+    hidden = model.config.hidden_size
+    kept = R.sliced_dim(hidden, args.slicing)
+    num_blocks = len(ModelAdapter(model).blocks)
+    starts = sorted({0, num_blocks // 3, 2 * num_blocks // 3})
+    covs, streams = stream_statistics(model, windows, set(starts))
+    per_block = [R.principal_basis(c)[0][:, :kept] for c in covs]
+    shared = R.principal_basis(sum(covs))[0][:, :kept]
+
+    print(
+        f"Model {args.model}; {args.nsamples} x {args.seqlen} tokens of {args.calib}, seed 0; hidden {hidden}, "
+        f"kept {kept} ({1 - kept / hidden:.1%} sliced); dense model, no slicing.\n"
+    )
+    print("| boundary | energy kept, own basis | energy kept, shared basis | overlap with next own basis |")
+    print("|---|---|---|---|")
+    for i, cov in enumerate(covs):
+        overlap = (
+            f"{(torch.linalg.matrix_norm(per_block[i].t() @ per_block[i + 1]) ** 2 / kept).item():.3f}"
+            if i + 1 < len(covs)
+            else "-"
+        )
+        print(f"| {i} | {energy_kept(cov, per_block[i]):.4f} | {energy_kept(cov, shared):.4f} | {overlap} |")
+
+    print("\n| stream at boundary | energy left at the head, per-block projections | same, shared projection |")
+    print("|---|---|---|")
+    for start in starts:
+        x = streams[start]
+        total = (x**2).sum()
+        carried = x
+        for basis in per_block[start:]:
+            carried = carried @ basis @ basis.t()
+        print(
+            f"| {start} | {((carried**2).sum() / total).item():.3f} | "
+            f"{((x @ shared @ shared.t()) ** 2).sum().item() / total.item():.3f} |"
+        )
+    chain = torch.eye(hidden, dtype=torch.float64)
+    for basis in per_block:
+        chain = chain @ basis @ basis.t()
+    singular = torch.linalg.svdvals(chain)
+    print(
+        f"\nThe product of all {len(per_block)} per-block projections: {(singular > 0.99).sum().item()} directions "
+        f"pass with > 99% of their length, {(singular > 0.5).sum().item()} with > 50% (the shared projection passes "
+        f"{kept} intact)."
+    )
+
+
+if __name__ == "__main__":
+    main()
