@@ -7,6 +7,7 @@ llm-compressor 0.14 pins transformers <= 5.17, so it runs in its own environment
     .venv/bin/python benchmarks/reference_llmcompressor.py export --out /tmp/ref      # calibration windows
     .venv-ref/bin/python benchmarks/reference_llmcompressor.py prune --out /tmp/ref  # llm-compressor, timed
     .venv/bin/python benchmarks/reference_llmcompressor.py eval --out /tmp/ref       # perplexity, our convention
+    .venv/bin/python benchmarks/reference_llmcompressor.py agree --out /tmp/ref --configs wanda-50  # same zeros?
 
 Nothing of llm-compressor is imported by hf_prune; this script only drives it. A benchmark prints a table.
 """
@@ -57,7 +58,12 @@ def prune(out: str, names: list[str]) -> None:
         model = AutoModelForCausalLM.from_pretrained(data["model"], dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(data["model"])
         cls = WandaPruningModifier if method == "wanda" else SparseGPTModifier
-        modifier = cls(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
+        # The decoder layers as targets (as llm-compressor's own 2:4 examples do): with targets=["Linear"] every
+        # Linear becomes its own "layer", named "lm_head." (trailing dot), so ignore=["lm_head"] misses it and the
+        # tied head/embedding matrix gets pruned too (it warns "add `re:.*lm_head` to your ignore list").
+        modifier = cls(
+            sparsity=sparsity, mask_structure=structure, targets=[r"re:model.layers.\d+$"], ignore=["re:.*lm_head"]
+        )
         start = time.perf_counter()
         oneshot(
             model=model,
@@ -99,16 +105,46 @@ def evaluate(out: str, names: list[str]) -> None:
         print(f"| {name} | {ppl:.2f} | {times[name]:.1f} | {sparsity:.4f} |")
 
 
+def agree(out: str, names: list[str]) -> None:
+    """Prune with hf_prune in llm-compressor's order (every linear of a block scored on the dense block's inputs:
+    ``true_sequential: False``) and compare the two sets of zeros, linear by linear."""
+    import torch
+
+    from hf_prune import HFPruner
+    from hf_prune.adapters import ModelAdapter, weight_out_in
+    from hf_prune.pruner import load_model_and_tokenizer
+
+    data = torch.load(os.path.join(out, "calibration.pt"))
+    print("\n| config | linears | zeros shared, lowest | zeros shared, mean | lowest at |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        method, sparsity, structure = CONFIGS[name]
+        step = {"method": method, "true_sequential": False}
+        step.update({"structure": structure} if structure != "0:0" else {"sparsity": sparsity})
+        model, tokenizer = load_model_and_tokenizer(data["model"])
+        recipe = {"calibration": {"source": "fortunes", "nsamples": 32, "seqlen": 512, "seed": 0}, "steps": [step]}
+        HFPruner(model, tokenizer, recipe).prune()
+        reference = torch.load(os.path.join(out, f"{name}.pt"))
+        shared = {}
+        for ref in ModelAdapter(model).all_linears():
+            ours = weight_out_in(ref.module) == 0
+            theirs = reference[f"{ref.name}.weight"] == 0
+            shared[ref.name] = float((ours & theirs).sum()) / float(ours.sum())
+        lowest = min(shared, key=shared.get)
+        mean = sum(shared.values()) / len(shared)
+        print(f"| {name} | {len(shared)} | {shared[lowest]:.4f} | {mean:.4f} | {lowest} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["export", "prune", "eval"])
+    parser.add_argument("stage", choices=["export", "prune", "eval", "agree"])
     parser.add_argument("--out", default="/tmp/hf_prune_reference")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     args = parser.parse_args()
     if args.stage == "export":
         export(args.out)
     else:
-        {"prune": prune, "eval": evaluate}[args.stage](args.out, args.configs)
+        {"prune": prune, "eval": evaluate, "agree": agree}[args.stage](args.out, args.configs)
 
 
 if __name__ == "__main__":
