@@ -122,7 +122,7 @@ def agree(out: str, names: list[str]) -> None:
         step = {"method": method, "true_sequential": False}
         step.update({"structure": structure} if structure != "0:0" else {"sparsity": sparsity})
         model, tokenizer = load_model_and_tokenizer(data["model"])
-        recipe = {"calibration": {"source": "fortunes", "nsamples": 32, "seqlen": 512, "seed": 0}, "steps": [step]}
+        recipe = {"calibration": data["info"], "steps": [step]}  # the windows llm-compressor was given
         HFPruner(model, tokenizer, recipe).prune()
         reference = torch.load(os.path.join(out, f"{name}.pt"))
         shared = {}

@@ -8,7 +8,8 @@ overlap (||A_l^T A_{l+1}||_F^2 / kept; 1 = the same subspace). Then it follows t
 boundary carried to the head through every later boundary's projection (per-block: the product of L - l + 1
 different projections; shared: one), as the fraction of its energy left.
 
-All on the dense model (no slicing), so it isolates the choice of bases from the slicing procedure.
+All on the dense model (no slicing, after the method's rotation-invariant preparation, which keeps its outputs),
+so it isolates the choice of bases from the slicing procedure.
 
     python benchmarks/slicegpt_subspaces.py --model packaged:smollm2-135m --slicing 0.25
 """
@@ -21,40 +22,30 @@ import torch
 
 from hf_prune.adapters import ModelAdapter
 from hf_prune.calibration.data import calibration_batch
+from hf_prune.calibration.engine import BlockwiseEngine
 from hf_prune.methods.slicegpt import rotation as R
+from hf_prune.methods.slicegpt.method import SliceGPTConfig, SliceGPTMethod
 from hf_prune.pruner import load_model_and_tokenizer
 
 
-def stream_statistics(model, windows: torch.Tensor, keep_at: set[int], chunk: int = 8):
-    """Uncentred covariance (float64) of the residual stream at every block boundary, and the stream itself at the
-    boundaries in ``keep_at``."""
-    blocks = ModelAdapter(model).blocks
-    covs: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
-    kept: dict[int, list[torch.Tensor]] = {i: [] for i in keep_at}
+def stream_statistics(model, windows: torch.Tensor, keep_at: set[int]):
+    """Uncentred covariance (float64, as SliceGPT computes it) of the residual stream at every block boundary, and
+    the stream itself at the boundaries in ``keep_at``, from the block-by-block walk the method itself uses."""
+    adapter = ModelAdapter(model)
+    covs: list[torch.Tensor] = []
+    kept: dict[int, torch.Tensor] = {}
 
-    def record(index: int, hidden: torch.Tensor) -> None:
-        x = hidden.reshape(-1, hidden.shape[-1]).double()
-        c = x.t() @ x
-        covs[index] = c if covs[index] is None else covs[index] + c
-        if index in kept:
-            kept[index].append(x)
+    def record(index: int, chunks: list[torch.Tensor]) -> None:
+        covs.append(SliceGPTMethod._cov(chunks))
+        if index in keep_at:
+            kept[index] = torch.cat([c.reshape(-1, c.shape[-1]).double() for c in chunks])
 
-    def before(index):
-        return lambda m, args, kwargs: record(index, args[0] if args else kwargs["hidden_states"])
-
-    def after(m, args, kwargs, out):
-        record(len(blocks), out[0] if isinstance(out, (tuple, list)) else out)
-
-    handles = [b.register_forward_pre_hook(before(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles.append(blocks[-1].register_forward_hook(after, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], chunk):
-                model(input_ids=windows[start : start + chunk], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return covs, {i: torch.cat(xs) for i, xs in kept.items()}
+    for step in BlockwiseEngine.from_input_ids(model, adapter, windows).walk(desc="stream statistics"):
+        record(step.index, step.inputs)
+        step.info["outputs"] = step.forward()
+        if step.index == adapter.num_blocks - 1:
+            record(adapter.num_blocks, step.info["outputs"])
+    return covs, kept
 
 
 def energy_kept(cov: torch.Tensor, basis: torch.Tensor) -> float:
@@ -74,11 +65,14 @@ def main() -> None:
     windows, _ = calibration_batch(args.calib, tokenizer, args.nsamples, args.seqlen, 0)
     hidden = model.config.hidden_size
     kept = R.sliced_dim(hidden, args.slicing)
-    num_blocks = len(ModelAdapter(model).blocks)
-    starts = sorted({0, num_blocks // 3, 2 * num_blocks // 3})
+    adapter = ModelAdapter(model)
+    method = SliceGPTMethod(SliceGPTConfig(slicing=args.slicing))
+    method.make_rotation_invariant(model, adapter)  # what the method measures on (outputs unchanged)
+    starts = sorted({0, adapter.num_blocks // 3, 2 * adapter.num_blocks // 3})
     covs, streams = stream_statistics(model, windows, set(starts))
     per_block = [R.principal_basis(c)[0][:, :kept] for c in covs]
-    shared = R.principal_basis(sum(covs))[0][:, :kept]
+    # rotation: shared's own basis (a second pass, so that this is exactly the basis the method slices to)
+    shared = method.shared_basis(BlockwiseEngine.from_input_ids(model, adapter, windows))[:, :kept]
 
     print(
         f"Model {args.model}; {args.nsamples} x {args.seqlen} tokens of {args.calib}, seed 0; hidden {hidden}, "
