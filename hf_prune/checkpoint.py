@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -11,7 +12,52 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import OutputExistsError, PruningCheckError
+from .errors import HFPruneError, OutputExistsError, PruningCheckError
+
+# A Hub repo id: "name" or "owner/name", letters, digits, '-', '_', '.' (no path syntax).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+class ModelSourceError(HFPruneError, FileNotFoundError):
+    """The model to load is neither a model folder nor a plausible Hub id."""
+
+
+def check_model_source(source: str | os.PathLike) -> None:
+    """Refuse, before anything is loaded, a model that is a local path without a config.json, a file, or a string
+    that is no folder here and cannot be a Hub id. ``packaged:<name>`` and Hub ids pass (the Hub answers for them)."""
+    text = str(source)
+    if text.startswith("packaged:"):
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"{text} is a folder without config.json, so it is not a Hugging Face model folder. Pass the folder "
+                "that save_pretrained wrote (config.json + *.safetensors), or a Hub id such as org/name."
+            )
+        return
+    if path.exists():
+        raise ModelSourceError(
+            f"{text} is a file; pass the model's folder (the one holding config.json) or a Hub id such as org/name."
+        )
+    if not _HUB_ID.match(text) or text.endswith((".json", ".safetensors", ".bin", ".gguf")):
+        raise ModelSourceError(
+            f"{text} does not exist here and is not a Hub id (org/name). Check the path, or pass a Hub id."
+        )
+
+
+def remove_leftovers(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary folders a killed save left beside ``out_dir`` (``.NAME.tmp-*``, ``.NAME.old-*``)."""
+    out = Path(out_dir).absolute()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for leftover in out.parent.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+    return removed
 
 
 def _same_path(a: str | os.PathLike, b: str | os.PathLike | None) -> bool:
@@ -55,6 +101,7 @@ def atomic_write_folder(out_dir: str | os.PathLike, write: Callable[[Path], None
     """
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)

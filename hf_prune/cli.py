@@ -62,6 +62,16 @@ def _step_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return step
 
 
+def _check_before_loading(model: str | None, output: str | None, overwrite: bool) -> None:
+    """The model source and the output folder, before minutes of loading and calibration."""
+    from .checkpoint import check_model_source, check_output_dir
+
+    if model:
+        check_model_source(model)
+    if output:
+        check_output_dir(output, overwrite, [model])
+
+
 def _finish(pruner, recipe, output: str | None, overwrite: bool, report_json: str | None) -> None:
     report = pruner.prune()
     if recipe.heal is not None:
@@ -104,6 +114,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     if args.eval:
         recipe_dict["eval"] = {"source": args.eval_text, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows}
     recipe = Recipe.from_dict(recipe_dict)
+    _check_before_loading(args.model, args.output, args.overwrite)
     if args.streaming:
         return _streaming(recipe, args.model, args.output, args.overwrite, args.report_json)
     pruner = HFPruner.from_pretrained(args.model, recipe=recipe, **_model_kwargs(args))
@@ -117,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     recipe = Recipe.from_yaml(args.recipe)
     if args.model:
         recipe.model = args.model
+    _check_before_loading(recipe.model, args.output or recipe.output.dir, args.overwrite or recipe.output.overwrite)
     if recipe.output.streaming:
         return _streaming(
             recipe,
@@ -133,6 +145,7 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     from .eval.perplexity import PERPLEXITY_CONVENTION, perplexity
     from .pruner import load_model_and_tokenizer
 
+    _check_before_loading(args.model, None, False)
     model, tokenizer = load_model_and_tokenizer(args.model, **_model_kwargs(args))
     ppl = perplexity(model, tokenizer, args.text, args.seqlen, args.max_windows, args.batch_size)
     result = {

@@ -13,10 +13,11 @@ from torch import nn
 from . import __version__
 from .adapters import ModelAdapter
 from .assets import is_packaged, resolve_packaged_model
-from .checkpoint import assert_finite_parameters, atomic_write_folder, check_output_dir
+from .checkpoint import assert_finite_parameters, atomic_write_folder, check_model_source, check_output_dir
 from .errors import PruningCheckError, RecipeError
 from .eval.perplexity import PERPLEXITY_CONVENTION, perplexity
-from .methods.base import PruneContext, PruningMethod
+from .methods.base import PruningMethod
+from .methods.context import PruneContext
 from .recipe import EvalConfig, Recipe
 from .registry import get_method
 from .report import PruningReport, count_parameters
@@ -54,6 +55,7 @@ def load_pretrained(model_id_or_path: str, *, tokenizer: Any = None, **model_kwa
     turned on."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    check_model_source(model_id_or_path)
     path = resolve_model_path(model_id_or_path)
     trust = model_kwargs.get("trust_remote_code", False)
     processor = None
@@ -152,6 +154,9 @@ class HFPruner:
         model_id = model_id_or_path or recipe.model
         if not model_id:
             raise RecipeError("No model given: pass model_id_or_path or set 'model:' in the recipe.")
+        check_model_source(model_id)
+        if recipe.output.dir:  # refuse an output folder it could not write before loading anything
+            check_output_dir(recipe.output.dir, recipe.output.overwrite, [str(model_id)])
         model, tokenizer, processor = load_pretrained(model_id, tokenizer=tokenizer, **model_kwargs)
         pruner = cls(model, tokenizer, recipe, processor=processor)
         pruner._source = resolve_model_path(model_id)
@@ -164,6 +169,8 @@ class HFPruner:
         recipe = self.recipe
         if not recipe.steps:
             raise RecipeError("The recipe has no steps. Add e.g. steps: [{method: wanda, sparsity: 0.5}].")
+        if recipe.output.dir:  # before calibrating: the save at the end must not fail on its folder
+            check_output_dir(recipe.output.dir, recipe.output.overwrite, [self._source])
         start = time.perf_counter()
         ctx = PruneContext(self.model, self.tokenizer, self.adapter, recipe.calibration, processor=self.processor)
         methods = [get_method(step.method).method_cls(step) for step in recipe.steps]

@@ -26,8 +26,9 @@ from torch import nn
 from . import __version__
 from .adapters import ModelAdapter
 from .checkpoint import atomic_write_folder, check_output_dir
+from .checkpoint_layout import to_checkpoint_layout, to_model_layout
 from .errors import HFPruneError, PruningCheckError, RecipeError
-from .methods.base import PruneContext
+from .methods.context import PruneContext
 from .recipe import Recipe
 from .registry import get_method
 from .report import PruningReport
@@ -129,7 +130,7 @@ class StreamingBlocks:
     def __call__(self, block: nn.Module):
         i = next(j for j, b in enumerate(self.adapter.blocks) if b is block)
         prefix = f"{self.adapter.block_name(i)}."
-        tensors = self.ckpt.load(self.ckpt.keys(prefix))
+        tensors = to_model_layout(self.adapter.model, self.ckpt.load(self.ckpt.keys(prefix)))
         block.to_empty(device="cpu")
         missing, unexpected = block.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=False)
         if missing or unexpected:
@@ -147,6 +148,7 @@ class StreamingBlocks:
     def write(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.adapter.block_name(i)}."
         state = {prefix + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+        state = {k: v.contiguous() for k, v in to_checkpoint_layout(self.adapter.model, state).items()}
         for name, value in state.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise PruningCheckError(f"{name} holds NaN or inf after pruning; nothing is saved.")

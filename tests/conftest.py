@@ -16,6 +16,7 @@ from hf_prune.assets import resolve_packaged_model
 
 VOCAB = 49152
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "opt", "gpt2"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
 
 
 def tiny_config(family: str, layers: int = 3):
@@ -48,6 +49,64 @@ def tiny_config(family: str, layers: int = 3):
         )
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=64, n_layer=layers, n_head=4)
+    return tiny_moe_config(family, layers, common, attn)
+
+
+def tiny_moe_config(family: str, layers: int, common: dict, attn: dict):
+    """Mixture-of-experts families: 8 routed experts (4 for Mixtral / gpt-oss / Llama 4) of width 32, top-2."""
+    moe = dict(num_experts_per_tok=2, num_key_value_heads=2)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, **attn, **moe, moe_intermediate_size=32, num_experts=8, head_dim=16, norm_topk_prob=True
+        )
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common, **{**attn, "intermediate_size": 32}, **moe, num_local_experts=4)
+    if family == "gpt_oss":
+        types = ["sliding_attention", "full_attention"] * ((layers + 1) // 2)
+        return transformers.GptOssConfig(
+            **common,
+            **{**attn, "intermediate_size": 32},
+            **moe,
+            num_local_experts=4,
+            head_dim=16,
+            layer_types=types[:layers],
+            sliding_window=16,
+        )
+    if family == "olmoe":
+        return transformers.OlmoeConfig(**common, **{**attn, "intermediate_size": 32}, **moe, num_experts=8)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common, **attn, **moe, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8
+        )
+    if family == "deepseek_v3":
+        return transformers.DeepseekV3Config(
+            **common,
+            **attn,
+            **moe,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            rope_scaling=None,
+        )
+    if family == "llama4_text":
+        return transformers.Llama4TextConfig(
+            **common,
+            **{**attn, "intermediate_size": 32},
+            intermediate_size_mlp=128,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            head_dim=16,
+        )
     raise ValueError(family)
 
 
@@ -57,7 +116,7 @@ def make_tiny_model(family: str, layers: int = 3, seed: int = 0):
     # Default init is tiny (std 0.02); spread the weights so activations and scores vary like a trained model's.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+            if p.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
                 p.normal_(0, 0.2)
     return model.eval()
 

@@ -105,3 +105,95 @@ def test_missing_local_calibration_file_is_treated_as_dataset_and_explained(toke
         from hf_prune.calibration.data import load_documents
 
         load_documents("no/such-dataset-here", split="train")
+
+
+# ------------------------------------------------------------------ refused before anything is loaded
+def _no_load(monkeypatch):
+    """Fail the test if a model load starts: the checks must come first."""
+    import hf_prune.pruner as pruner_module
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(pruner_module, "load_pretrained", boom)
+    monkeypatch.setattr(pruner_module, "resolve_packaged_model", boom)
+
+
+@pytest.mark.parametrize("kind", ["not_empty", "source_folder"])
+def test_cli_refuses_the_output_folder_before_loading(kind, tmp_path, monkeypatch, capsys):
+    from hf_prune.cli import main
+
+    src = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(src)
+    out = src if kind == "source_folder" else tmp_path / "out"
+    if kind == "not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("user data")
+    capsys.readouterr()  # the progress bar of the save above
+    _no_load(monkeypatch)
+    code = main(["prune", "--model", str(src), "--method", "wanda", "--sparsity", "0.5", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert ("not empty" in err) if kind == "not_empty" else ("loaded from" in err)
+    if kind == "not_empty":
+        assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_api_refuses_the_output_folder_before_loading(tmp_path, monkeypatch):
+    from hf_prune.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    src = tmp_path / "model"
+    make_tiny_model("llama").save_pretrained(src)
+    _no_load(monkeypatch)
+    recipe = {"steps": [{"method": "magnitude", "sparsity": 0.5}], "output": {"dir": str(out)}}
+    with pytest.raises(OutputExistsError, match="not empty"):
+        HFPruner.from_pretrained(str(src), recipe=recipe)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("{missing}", "does not exist here and is not a Hub id"),
+        ("{empty}", "folder without config.json"),
+        ("{file}", "is a file"),
+        ("./relative/path/to/model", "does not exist here"),
+        ("org/name/extra", "not a Hub id"),
+    ],
+)
+def test_bad_model_sources_are_one_error_line(model, message, tmp_path, monkeypatch, capsys):
+    from hf_prune.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    model = model.format(
+        missing=tmp_path / "nothing", empty=tmp_path / "empty", file=tmp_path / "weights.safetensors"
+    )
+    _no_load(monkeypatch)
+    for argv in (
+        ["prune", "--model", model, "--method", "wanda", "--sparsity", "0.5"],
+        ["ppl", "--model", model],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_hub_ids_pass_the_source_check():
+    from hf_prune.checkpoint import check_model_source
+
+    for ok in ("HuggingFaceTB/SmolLM2-135M", "gpt2", "packaged:smollm2-135m", "Qwen/Qwen3-30B-A3B"):
+        check_model_source(ok)
+
+
+def test_a_killed_save_leaves_nothing_behind_on_the_next_save(tmp_path, tokenizer):
+    model = make_tiny_model("llama")
+    stale = [tmp_path / ".out.tmp-abc123", tmp_path / ".out.old-def456"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    HFPruner(model, tokenizer, {"steps": [{"method": "magnitude", "sparsity": 0.5}]}).save_pretrained(tmp_path / "out")
+    assert not any(folder.exists() for folder in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

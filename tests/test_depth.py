@@ -11,7 +11,7 @@ from hf_prune.errors import RecipeError
 from hf_prune.methods.depth.method import _identity_block
 from hf_prune.methods.depth.scores import angular_distance, best_consecutive_run, lowest_scoring
 
-from .conftest import FAMILIES, make_tiny_model
+from .conftest import FAMILIES, MOE_FAMILIES, make_tiny_model
 
 
 def _make_identity(model, index):
@@ -48,7 +48,7 @@ def test_ppl_delta_of_an_identity_block_equals_the_dense_perplexity(tokenizer, t
     model = _make_identity(make_tiny_model("llama", layers=4), 1)
     recipe = tiny_recipe({"method": "depth", "criterion": "ppl_delta", "num_blocks": 1, "ppl_nsamples": 2})
     pruner = HFPruner(model, tokenizer, recipe)
-    from hf_prune.methods.base import PruneContext
+    from hf_prune.methods.context import PruneContext
     from hf_prune.methods.depth.method import DepthConfig, DepthMethod
 
     ctx = PruneContext(model, tokenizer, ModelAdapter(model), pruner.recipe.calibration)
@@ -162,3 +162,64 @@ def test_score_helpers():
     assert lowest_scoring({0: 0.5, 1: 0.1, 2: 0.3, 3: 0.0}, 2, [0, 1, 2]) == [1, 2]
     assert best_consecutive_run({0: 0.4, 1: 0.2, 2: 0.1}, 2, [0, 1, 2, 3]) == [2, 3]
     assert best_consecutive_run({0: 0.4, 1: 0.2, 2: 0.1}, 2, [0, 1, 2]) == [1, 2]
+
+
+def _reload_checked(pruner, tmp_path):
+    out = pruner.save_pretrained(tmp_path / "depth")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return reloaded.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES + MOE_FAMILIES)
+def test_every_family_reloads_without_missing_or_unexpected_keys(family, tmp_path):
+    model = make_tiny_model(family, layers=5)
+    pruner = HFPruner(model, None, {"steps": [{"method": "depth", "blocks": [0, 3]}]})
+    pruner.prune()
+    reloaded = _reload_checked(pruner, tmp_path)
+    ids = torch.randint(0, 3000, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    "family, overrides, expected",
+    [
+        # Llama 4: MoE every 2nd block (1, 3, 5); removing 0 and 3 leaves MoE blocks 1, 5 -> new indices 0, 3
+        ("llama4_text", {}, {"moe_layers": [0, 3]}),
+        # Qwen-MoE: MoE where (i + 1) % 2 == 0 and i not in mlp_only_layers -> made explicit
+        ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": [5]}, {"decoder_sparse_step": 1}),
+        # DeepSeek: the first k blocks are dense; removing block 0 leaves one leading dense block
+        ("deepseek_v3", {"first_k_dense_replace": 2}, {"first_k_dense_replace": 1}),
+    ],
+)
+def test_interleaved_moe_layouts_are_renumbered(family, overrides, expected, tmp_path):
+    from transformers import AutoModelForCausalLM as Auto
+
+    from .conftest import tiny_config
+
+    config = tiny_config(family, layers=6)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if family == "llama4_text":
+        config.moe_layers = [1, 3, 5]
+    torch.manual_seed(0)
+    model = Auto.from_config(config).eval()
+    kinds = [ModelAdapter(model).moe_spec(i) is not None for i in range(6)]
+    pruner = HFPruner(model, None, {"steps": [{"method": "depth", "blocks": [0, 3]}]})
+    pruner.prune()
+    for key, value in expected.items():
+        assert getattr(model.config, key) == value
+    reloaded = _reload_checked(pruner, tmp_path)
+    after = [ModelAdapter(reloaded).moe_spec(i) is not None for i in range(4)]
+    assert after == [k for i, k in enumerate(kinds) if i not in (0, 3)]
+
+
+def test_a_per_layer_structure_it_cannot_renumber_is_refused_before_any_work(monkeypatch):
+    from hf_prune.methods.depth import surgery
+
+    monkeypatch.setattr(surgery, "_LAYER_INDEX_LISTS", ())  # as if hf_prune did not know Llama 4's moe_layers
+    model = make_tiny_model("llama4_text", layers=4)
+    with pytest.raises(RecipeError, match="per-layer structure hf_prune cannot renumber"):
+        HFPruner(model, None, {"steps": [{"method": "depth", "blocks": [0]}]}).prune()
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4

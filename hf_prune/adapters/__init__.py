@@ -3,6 +3,7 @@
 from .adapter import (
     LinearRef,
     ModelAdapter,
+    WeightRef,
     get_submodule,
     in_features,
     is_linear,
@@ -10,9 +11,29 @@ from .adapter import (
     weight_out_in,
     zero_fraction,
 )
-from .table import FAMILIES, LINEAR_ROLES, NORM_ROLES, VLM_FAMILIES, ArchSpec, VLMSpec
+from .experts import ExpertRef
+from .table import (
+    DEFAULT_EXCLUDED_ROLES,
+    EXPERT_ROLES,
+    FAMILIES,
+    LINEAR_ROLES,
+    NORM_ROLES,
+    ROUTER_ROLE,
+    VLM_FAMILIES,
+    ArchSpec,
+    ExpertLayout,
+    MoESpec,
+    VLMSpec,
+)
 
 __all__ = [
+    "DEFAULT_EXCLUDED_ROLES",
+    "EXPERT_ROLES",
+    "ExpertLayout",
+    "ExpertRef",
+    "MoESpec",
+    "ROUTER_ROLE",
+    "WeightRef",
     "FAMILIES",
     "LINEAR_ROLES",
     "NORM_ROLES",

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..utils import logger
-from .table import FAMILIES, TEXT_ALIASES, VLM_FAMILIES, ArchSpec, VLMSpec, prefixed
+from .experts import ExpertRef, discover_moe, expert_refs
+from .table import FAMILIES, ROUTER_ROLE, TEXT_ALIASES, VLM_FAMILIES, ArchSpec, MoESpec, VLMSpec, prefixed
 
 COMPONENTS = ("language", "vision")
 
@@ -53,11 +54,31 @@ class LinearRef:
     module: nn.Module
     block: int = -1
 
+    @property
+    def param_name(self) -> str:
+        return f"{self.name}.weight"
 
-def zero_fraction(refs: list[LinearRef]) -> float:
-    """Fraction of exact zeros over the weights of these linears (0.0 for none)."""
-    total = sum(r.module.weight.numel() for r in refs)
-    zeros = sum(int((r.module.weight == 0).sum()) for r in refs)
+    def weight(self) -> torch.Tensor:
+        """The (out, in) weight, a view sharing storage with the parameter."""
+        return weight_out_in(self.module)
+
+    @property
+    def in_features(self) -> int:
+        return in_features(self.module)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight.device
+
+
+WeightRef = LinearRef | ExpertRef  # what a weight-pruning step prunes: ``weight()`` gives its (out, in) view
+
+
+def zero_fraction(refs: list[WeightRef]) -> float:
+    """Fraction of exact zeros over the weights of these linears or experts (0.0 for none)."""
+    weights = [r.weight() for r in refs]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
     return zeros / max(total, 1)
 
 
@@ -157,7 +178,8 @@ class ModelAdapter:
         return f"{self.blocks_path}.{index}"
 
     def linears(self, index: int) -> list[LinearRef]:
-        """The prunable linears of block ``index``, with their roles (table roles, or the local name as role)."""
+        """The linears of block ``index``, with their roles (table roles, or the local name as role). Routers
+        carry the role ``router``."""
         block = self._block_list[index]
         prefix = self.block_name(index)
         refs: list[LinearRef] = []
@@ -170,12 +192,59 @@ class ModelAdapter:
             extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m) and n not in known]
         else:
             extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m)]
+        moe = self.moe_spec(index)
+        routers = {moe.router, *moe.other_routers} if moe is not None else set()
         for local, module in extra:
-            refs.append(LinearRef(f"{prefix}.{local}", local.split(".")[-1], local, module, index))
+            role = ROUTER_ROLE if local in routers else local.split(".")[-1]
+            refs.append(LinearRef(f"{prefix}.{local}", role, local, module, index))
         return refs
 
     def all_linears(self) -> list[LinearRef]:
         return [ref for i in range(self.num_blocks) for ref in self.linears(i)]
+
+    # ------------------------------------------------------------------ mixture of experts
+    def moe_spec(self, index: int) -> MoESpec | None:
+        """The MoE layout of block ``index``, or None for a dense block (or a model without experts)."""
+        if not hasattr(self, "_moe_specs"):
+            self._moe_specs: dict[int, MoESpec | None] = {}
+        if index not in self._moe_specs:
+            block = self._block_list[index]
+            spec = self.spec.moe if self.spec is not None else None
+            if spec is None and self.spec is None:
+                spec = discover_moe(block, getattr(self.model, "config", None))
+            if spec is not None and get_submodule(block, spec.experts) is None:
+                spec = None  # a dense block of an MoE family
+            self._moe_specs[index] = spec
+        return self._moe_specs[index]
+
+    def experts_module(self, index: int) -> nn.Module | None:
+        spec = self.moe_spec(index)
+        return get_submodule(self._block_list[index], spec.experts) if spec is not None else None
+
+    def router_module(self, index: int) -> nn.Module | None:
+        spec = self.moe_spec(index)
+        return get_submodule(self._block_list[index], spec.router) if spec is not None and spec.router else None
+
+    def moe_blocks(self) -> list[int]:
+        return [i for i in range(self.num_blocks) if self.moe_spec(i) is not None]
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_blocks())
+
+    def experts(self, index: int) -> list[ExpertRef]:
+        """Every routed expert's gate, up and down matrix in block ``index`` (empty for a dense block)."""
+        spec = self.moe_spec(index)
+        if spec is None or not spec.layout.fused:
+            return []
+        return expert_refs(self.experts_module(index), spec.layout, self.block_name(index), spec.experts, index)
+
+    def weight_targets(self, index: int) -> list[LinearRef | ExpertRef]:
+        """What weight pruning can prune in block ``index``: its linears and its routed experts' matrices."""
+        return self.linears(index) + self.experts(index)
+
+    def all_weight_targets(self) -> list[LinearRef | ExpertRef]:
+        return [ref for i in range(self.num_blocks) for ref in self.weight_targets(i)]
 
     @property
     def is_vlm(self) -> bool:

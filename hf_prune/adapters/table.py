@@ -5,6 +5,9 @@ a new layout is one ``ArchSpec``. Paths are dotted attribute paths: ``blocks`` f
 ``linears`` / ``norms`` from the root of one decoder block.
 
 Linear roles: q, k, v, o (attention), qkv (fused q/k/v), gate, up, down (MLP), gate_up (fused gate/up).
+Mixture-of-experts roles: expert_gate, expert_up, expert_down (one routed expert's matrices, whether stored as fused
+3-D parameters or as per-expert linears), shared_gate, shared_up, shared_down (the always-on shared expert), router
+(never a default target: it decides which expert runs).
 Norm roles: attn_in (before attention), attn_out (after attention, "sandwich" norms), mlp_in, mlp_out.
 """
 
@@ -12,8 +15,61 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LINEAR_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
+SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")
+ROUTER_ROLE = "router"
+LINEAR_ROLES = (
+    ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down") + EXPERT_ROLES + SHARED_EXPERT_ROLES + (ROUTER_ROLE,)
+)
+DEFAULT_EXCLUDED_ROLES = (ROUTER_ROLE,)  # pruned only when a step's ``targets`` names them
 NORM_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How the routed experts of one MoE block are stored and called.
+
+    Fused layout (transformers 5): ``gate_up`` and ``down`` name 3-D parameters of the experts module, one matrix per
+    expert along dim 0, each (out, in) or, with ``transposed``, (in, out); gate and up rows are concatenated
+    ([gate; up]) or ``interleaved`` (gate0, up0, gate1, ...). ``gate_up`` None: no gate, ``up`` names the first matrix.
+    Per-expert layout: ``expert_linears`` maps roles to paths inside ``experts[i]`` (a ModuleList of MLPs).
+
+    ``call``: how the block calls the experts module. ``routed``: (hidden (T, H), top_k_index (T, k),
+    top_k_weights (T, k)), each expert's output scaled by its weight; ``scaled_rows`` (Llama 4): one (E * T, H)
+    tensor, expert e's rows being the hidden states times its router score (0 where not routed).
+    """
+
+    gate_up: str | None = "gate_up_proj"
+    up: str | None = None
+    down: str = "down_proj"
+    transposed: bool = False
+    interleaved: bool = False
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    call: str = "routed"
+    expert_linears: dict[str, str] | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.expert_linears is None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where one MoE block's parts are (paths from the decoder block) and how many experts the config declares.
+
+    A block without the ``experts`` module (DeepSeek's first dense blocks, Llama 4's interleaved dense blocks) is a
+    dense block; its MLP linears come from the family's ``linears``.
+    """
+
+    experts: str
+    router: str
+    layout: ExpertLayout
+    num_experts_key: str  # the config attribute holding the routed-expert count
+    top_k_key: str = "num_experts_per_tok"
+    shared: dict[str, str] = field(default_factory=dict)  # shared-expert roles -> paths
+    other_routers: tuple[str, ...] = ()  # more gates that are never default targets (Qwen2-MoE's shared_expert_gate)
+    expert_groups_key: str | None = None  # DeepSeek's n_group: experts are routed in equal contiguous groups
 
 
 @dataclass(frozen=True)
@@ -27,6 +83,7 @@ class ArchSpec:
     attention: str = "self_attn"
     mlp: str = "mlp"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    moe: MoESpec | None = None
 
 
 _LLAMA_LINEARS = {
@@ -144,8 +201,93 @@ def prefixed(spec: ArchSpec, prefix: str) -> ArchSpec:
         attention=spec.attention,
         mlp=spec.mlp,
         notes=spec.notes,
+        moe=spec.moe,
     )
 
+
+# Mixture-of-experts families of transformers 5: routed experts as fused 3-D parameters.
+_FUSED = ExpertLayout()
+_SHARED_EXPERT = {
+    "shared_gate": "mlp.shared_expert.gate_proj",
+    "shared_up": "mlp.shared_expert.up_proj",
+    "shared_down": "mlp.shared_expert.down_proj",
+}
+
+
+def _moe(base: ArchSpec, moe: MoESpec, linears: dict[str, str] | None = None) -> ArchSpec:
+    return ArchSpec(
+        blocks=base.blocks,
+        linears={**(linears or base.linears), **moe.shared, ROUTER_ROLE: moe.router},
+        norms=base.norms,
+        embeddings=base.embeddings,
+        final_norm=base.final_norm,
+        lm_head=base.lm_head,
+        attention=base.attention,
+        mlp=base.mlp,
+        notes=base.notes,
+        moe=moe,
+    )
+
+
+QWEN_MOE = _moe(LLAMA, MoESpec("mlp.experts", "mlp.gate", _FUSED, "num_experts"))
+MIXTRAL = _moe(LLAMA, MoESpec("mlp.experts", "mlp.gate", _FUSED, "num_local_experts"))
+QWEN2_MOE = _moe(
+    LLAMA,
+    MoESpec(
+        "mlp.experts",
+        "mlp.gate",
+        _FUSED,
+        "num_experts",
+        shared=_SHARED_EXPERT,
+        other_routers=("mlp.shared_expert_gate",),
+    ),
+)
+GPT_OSS = _moe(
+    LLAMA,
+    MoESpec(
+        "mlp.experts",
+        "mlp.router",
+        ExpertLayout(transposed=True, interleaved=True, gate_up_bias="gate_up_proj_bias", down_bias="down_proj_bias"),
+        "num_local_experts",
+    ),
+)
+DEEPSEEK_V3 = _moe(
+    LLAMA,
+    MoESpec(
+        "mlp.experts",
+        "mlp.gate",
+        _FUSED,
+        "n_routed_experts",
+        shared={
+            "shared_gate": "mlp.shared_experts.gate_proj",
+            "shared_up": "mlp.shared_experts.up_proj",
+            "shared_down": "mlp.shared_experts.down_proj",
+        },
+        expert_groups_key="n_group",
+    ),
+    # multi-head latent attention: its low-rank projections are found by name (roles q_a_proj, kv_b_proj, ...)
+    linears={"o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+)
+LLAMA4_TEXT = _moe(
+    LLAMA,
+    MoESpec(
+        "feed_forward.experts",
+        "feed_forward.router",
+        ExpertLayout(transposed=True, call="scaled_rows"),
+        "num_local_experts",
+        shared={
+            "shared_gate": "feed_forward.shared_expert.gate_proj",
+            "shared_up": "feed_forward.shared_expert.up_proj",
+            "shared_down": "feed_forward.shared_expert.down_proj",
+        },
+    ),
+    linears={
+        **{k: v for k, v in _LLAMA_LINEARS.items() if k in ("q", "k", "v", "o")},
+        "gate": "feed_forward.gate_proj",
+        "up": "feed_forward.up_proj",
+        "down": "feed_forward.down_proj",
+    },
+)
 
 FAMILIES: dict[str, ArchSpec] = {
     "llama": LLAMA,
@@ -158,4 +300,11 @@ FAMILIES: dict[str, ArchSpec] = {
     "phi3": PHI3,
     "opt": OPT,
     "gpt2": GPT2,
+    "qwen3_moe": QWEN_MOE,
+    "olmoe": QWEN_MOE,
+    "mixtral": MIXTRAL,
+    "qwen2_moe": QWEN2_MOE,
+    "gpt_oss": GPT_OSS,
+    "deepseek_v3": DEEPSEEK_V3,
+    "llama4_text": LLAMA4_TEXT,
 }

@@ -20,7 +20,7 @@ from ..adapters import ModelAdapter, is_transposed, zero_fraction
 from ..calibration.data import load_documents, sample_windows
 from ..calibration.engine import model_device
 from ..errors import HFPruneError, PruningCheckError
-from ..methods.base import select_targets
+from ..methods.targets import select_targets
 from ..utils import logger
 from .config import HealConfig
 from .distill import kd_loss, kd_loss_topk, teacher_topk
@@ -152,7 +152,7 @@ def heal_model(
     exactly the zeros it had before (checked; PruningCheckError otherwise).
     """
     start = time.perf_counter()
-    refs = select_targets(adapter, cfg.targets, [])
+    refs = select_targets(adapter, cfg.targets, [], experts=False)
     mode = resolve_mask_mode(cfg, refs)
     if cfg.distill and teacher is None:
         raise HFPruneError("heal.distill needs the dense teacher model.")
@@ -231,7 +231,7 @@ def heal_model(
         model = peft_model.merge_and_unload()
         peft_model = None
         if before:
-            after = _zero_masks(select_targets(ModelAdapter(model), cfg.targets, []))
+            after = _zero_masks(select_targets(ModelAdapter(model), cfg.targets, [], experts=False))
             lost = [n for n in before if bool((before[n] & ~after[n]).any())]
             if lost:
                 raise PruningCheckError(f"heal: the merge filled pruned weights of {lost[:3]}; nothing is saved.")

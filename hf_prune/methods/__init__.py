@@ -2,6 +2,7 @@
 
 from ..registry import register_method
 from .depth import DepthConfig, DepthMethod
+from .experts import ExpertsConfig, ExpertsMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
 from .slicegpt import SliceGPTConfig, SliceGPTMethod
 from .sparsegpt import SparseGPTConfig, SparseGPTMethod
@@ -12,12 +13,15 @@ register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
 register_method("wanda", WandaConfig, WandaMethod)
 register_method("sparsegpt", SparseGPTConfig, SparseGPTMethod)
 register_method("depth", DepthConfig, DepthMethod)
+register_method("experts", ExpertsConfig, ExpertsMethod)
 register_method("slicegpt", SliceGPTConfig, SliceGPTMethod)
 register_method("visual_tokens", VisualTokensConfig, VisualTokensMethod)
 
 __all__ = [
     "DepthConfig",
     "DepthMethod",
+    "ExpertsConfig",
+    "ExpertsMethod",
     "MagnitudeConfig",
     "MagnitudeMethod",
     "SliceGPTConfig",

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters import LinearRef, in_features, weight_out_in
+from ..adapters import ModelAdapter, WeightRef
 from ..calibration.engine import BlockwiseEngine, hooks
 from ..calibration.stats import InputNormStats
+from .expert_calibration import ExpertStatistics
 from .wanda.scores import wanda_scores
 
 
@@ -38,19 +39,32 @@ def _updater(stats: InputNormStats):
     return lambda module, args: stats.update(args[0])
 
 
+def _norm_stats(ref: WeightRef) -> InputNormStats:
+    return InputNormStats(ref.in_features, ref.device)
+
+
 @torch.no_grad()
 def measure_outlier_ratios(
-    engine: BlockwiseEngine, refs_by_block: dict[int, list[LinearRef]], m: float
+    engine: BlockwiseEngine, adapter: ModelAdapter, refs_by_block: dict[int, list[WeightRef]], m: float
 ) -> dict[int, float]:
-    """One dense pass: each block's outlier ratio of Wanda scores over its target linears."""
+    """One dense pass: each block's outlier ratio of Wanda scores over its targets (routed experts scored on the
+    tokens routed to them)."""
+    from .weight_pruning import split_refs
+
     ratios: dict[int, float] = {}
     for step in engine.walk(desc="owl: outlier ratios"):
         refs = refs_by_block.get(step.index)
         if not refs:
             continue
-        stats = {r.name: InputNormStats(in_features(r.module), r.module.weight.device) for r in refs}
-        with hooks([r.module.register_forward_pre_hook(_updater(stats[r.name])) for r in refs]):
-            step.info["outputs"] = step.forward()
-        scores = [wanda_scores(weight_out_in(r.module).float(), stats[r.name].norms) for r in refs]
+        linears, experts = split_refs(refs)
+        stats = {r.name: _norm_stats(r) for r in linears}
+        with hooks([r.module.register_forward_pre_hook(_updater(stats[r.name])) for r in linears]):
+            if experts:
+                collector = ExpertStatistics(step, adapter.moe_spec(step.index), experts, _norm_stats)
+                step.info["outputs"] = collector.accumulate(keep_outputs=True)
+                stats.update(collector.stats)
+            else:
+                step.info["outputs"] = step.forward()
+        scores = [wanda_scores(r.weight().float(), stats[r.name].norms) for r in refs]
         ratios[step.index] = outlier_ratio(scores, m)
     return ratios

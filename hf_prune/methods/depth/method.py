@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...adapters import ModelAdapter
 from ...calibration.engine import model_device
 from ...calibration.stats import CosineStats
-from ...errors import RecipeError
+from ...errors import PruningCheckError, RecipeError
 from ...report import StepReport
 from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
 from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowest_scoring, random_blocks
-from .surgery import remove_blocks
+from .surgery import remove_blocks, structure_mismatch
 
 CRITERIA = ("angular", "block_influence", "ppl_delta", "random")
 
@@ -127,6 +128,13 @@ class DepthMethod(PruningMethod):
                 f"depth: {n} blocks to remove but keep_first={c.keep_first} and keep_last={c.keep_last} leave only "
                 f"{len(allowed)} removable blocks."
             )
+        trial = c.blocks if c.blocks is not None else sorted({allowed[0], allowed[len(allowed) // 2]})[:n]
+        problem = structure_mismatch(ctx.model, ctx.adapter, trial)
+        if problem:
+            raise RecipeError(
+                f"depth: {ctx.adapter.family}'s config has a per-layer structure hf_prune cannot renumber, so the "
+                f"saved model would not reload ({problem}). Nothing was changed; please report the architecture."
+            )
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -228,6 +236,9 @@ class DepthMethod(PruningMethod):
         details["removed_blocks"] = chosen
         self.removed = (total, chosen)
         details["config_changes"] = remove_blocks(ctx.model, ctx.adapter, chosen)
+        problem = structure_mismatch(ctx.model, ModelAdapter(ctx.model))
+        if problem:
+            raise PruningCheckError(f"depth: after removing blocks {chosen} the config no longer matches: {problem}.")
         details["blocks_after"] = total - len(chosen)
         logger.info("depth: removed blocks %s (%s)", chosen, c.criterion if c.blocks is None else "explicit")
         report.details = details

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ...adapters import LinearRef, in_features
+from ...adapters import WeightRef
 from ...calibration.stats import HessianStats
 from ...errors import PruningCheckError, RecipeError
 from ...report import StepReport
 from ...utils import logger
-from ..base import PruneContext, WeightPruningConfig, WeightPruningMethod
+from ..context import PruneContext
 from ..masks import Structure
+from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
 from .solver import DampeningError, sparsegpt_prune
 
 
@@ -58,8 +59,8 @@ class SparseGPTMethod(WeightPruningMethod):
         self.dampening: dict[str, float] = {}
         self.dead_inputs: dict[str, int] = {}
 
-    def make_stats(self, ref: LinearRef) -> HessianStats:
-        return HessianStats(in_features(ref.module), ref.module.weight.device)
+    def make_stats(self, ref: WeightRef) -> HessianStats:
+        return HessianStats(ref.in_features, ref.device)
 
     def prune_weight(
         self, weight: torch.Tensor, stats: HessianStats, sparsity: float, structure: Structure, name: str

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ...adapters import LinearRef, in_features
+from ...adapters import WeightRef
 from ...calibration.stats import InputNormStats
-from ..base import WeightPruningConfig, WeightPruningMethod
 from ..masks import Structure, select_mask
+from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
 from .scores import wanda_scores
 
 
@@ -34,8 +34,8 @@ class WandaMethod(WeightPruningMethod):
 
     comparison_group = "row"
 
-    def make_stats(self, ref: LinearRef) -> InputNormStats:
-        return InputNormStats(in_features(ref.module), ref.module.weight.device)
+    def make_stats(self, ref: WeightRef) -> InputNormStats:
+        return InputNormStats(ref.in_features, ref.device)
 
     def prune_weight(
         self, weight: torch.Tensor, stats: InputNormStats, sparsity: float, structure: Structure, name: str

@@ -1,0 +1,120 @@
+"""Per-expert statistics for weight pruning: one hook on a block's experts module feeds every routed expert.
+
+For each expert, the gate and up matrices read the tokens the router sent to it (``moe_calibration: routed``) or every
+token of the block (``all``: statistics only, the block's output is what the model computes); the down matrix reads
+act(gate) * up of those tokens, recomputed from the expert's current matrices. An expert routed fewer than
+``min_tokens`` tokens (or none at all) is calibrated on every token of the block instead (reported as a fallback).
+
+Two modes, matching the linears' orchestration: ``prune`` given (true-sequential, one forward): each expert is pruned
+inside the hook as its inputs arrive, gate/up first, then down on the pruned gate/up's outputs, and the block's
+forward goes on with the pruned experts; no ``prune`` (parallel): statistics accumulate over every chunk and the
+caller prunes afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..adapters import ExpertRef, MoESpec
+from ..calibration.engine import BlockStep, hooks
+from ..calibration.experts import ALL, ROUTED, ParentInput, expert_hidden, split_expert_call
+
+
+class ExpertStatistics:
+    """Statistics of the targeted routed experts of one MoE block.
+
+    Args:
+        step: the block being walked.
+        spec: its MoE layout.
+        refs: the targeted expert matrices of this block.
+        make_stats: a fresh statistics object for a target (``update(x)``), or None when the method needs none.
+        mode: ``routed`` or ``all``.
+        min_tokens: below this many routed tokens an expert is calibrated on all tokens.
+    """
+
+    def __init__(
+        self,
+        step: BlockStep,
+        spec: MoESpec,
+        refs: list[ExpertRef],
+        make_stats: Callable[[ExpertRef], Any],
+        mode: str = ROUTED,
+        min_tokens: int = 0,
+    ):
+        self.step, self.spec, self.make_stats = step, spec, make_stats
+        self.mode, self.min_tokens = mode, min_tokens
+        self.experts = step.block.get_submodule(spec.experts)
+        self.num_experts = getattr(self.experts, spec.layout.down).shape[0]
+        self.by_expert: dict[int, list[ExpertRef]] = {}
+        for ref in refs:
+            self.by_expert.setdefault(ref.expert, []).append(ref)
+        self.tokens = [0] * self.num_experts
+        self.fallback: list[int] = []
+        self.stats: dict[str, Any] = {}
+        self._parent = ParentInput(step.block, spec.experts) if spec.layout.call == "scaled_rows" else None
+
+    # ------------------------------------------------------------------ passes
+    def accumulate(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """One forward of the dense block over every chunk; then experts under ``min_tokens`` are recollected on
+        all tokens (one more forward, only if any). Returns the block's outputs if ``keep_outputs``."""
+        outputs = self._forward(None, set(self.by_expert), count=True, keep_outputs=keep_outputs)
+        if self.mode == ROUTED:
+            self.fallback = [e for e in self.by_expert if self.tokens[e] < max(self.min_tokens, 1)]
+            if self.fallback:
+                for e in self.fallback:
+                    for ref in self.by_expert[e]:
+                        self.stats.pop(ref.name, None)
+                self._forward(None, set(self.fallback), count=False, mode=ALL)
+        return outputs
+
+    def prune_during(self, prune: Callable[[ExpertRef, Any], None]) -> list[torch.Tensor]:
+        """One forward in which every expert is pruned as its inputs arrive; returns the block's outputs."""
+        return self._forward(prune, set(self.by_expert), count=True, keep_outputs=True)
+
+    def _forward(self, prune, experts: set[int], count: bool, mode: str | None = None, keep_outputs: bool = False):
+        mode = mode or self.mode
+
+        def hook(module, args, kwargs):
+            hidden = self._parent.hidden if self._parent is not None else None
+            call = split_expert_call(self.spec.layout, self.num_experts, args, kwargs, hidden)
+            for e in sorted(experts):
+                routed = call.routed(e)[0]
+                if count:
+                    self.tokens[e] += routed.shape[0]
+                x = call.hidden if mode == ALL else routed
+                if prune is not None and mode == ROUTED and routed.shape[0] < max(self.min_tokens, 1):
+                    x = call.hidden
+                    self.fallback.append(e)
+                self._update(e, x, prune)
+
+        handles = [self.experts.register_forward_pre_hook(hook, with_kwargs=True)]
+        if self._parent is not None:
+            handles.append(self._parent.hook())
+        with hooks(handles):
+            return self.step.forward(keep_outputs=keep_outputs)
+
+    def _update(self, e: int, x: torch.Tensor, prune) -> None:
+        refs = self.by_expert[e]
+        readers = [r for r in refs if r.role != "expert_down"]
+        down = [r for r in refs if r.role == "expert_down"]
+        if readers:
+            stats = self.stats.get(readers[0].name) or self.make_stats(readers[0])
+            if stats is not None:
+                stats.update(x)
+            for ref in readers:
+                self.stats[ref.name] = stats
+                if prune is not None:
+                    prune(ref, stats)
+        for ref in down:
+            stats = self.stats.get(ref.name) or self.make_stats(ref)
+            if stats is not None:
+                stats.update(expert_hidden(self.experts, self.spec.layout, e, x))
+            self.stats[ref.name] = stats
+            if prune is not None:
+                prune(ref, stats)
+
+    def summary(self) -> dict[str, Any]:
+        return {"tokens_per_expert": list(self.tokens), "fallback_experts": sorted(set(self.fallback))}

@@ -1,0 +1,3 @@
+from .method import ExpertsConfig, ExpertsMethod
+
+__all__ = ["ExpertsConfig", "ExpertsMethod"]

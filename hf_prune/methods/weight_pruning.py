@@ -1,0 +1,408 @@
+"""Unstructured / N:M weight pruning over the block-by-block engine, for linears and routed experts alike.
+
+A weight-pruning method only says which input statistics it needs (``make_stats``) and how to turn a weight and
+those statistics into a pruned weight (``prune_weight``, pure math). This module runs it over the model: targets,
+the block-by-block engine (one pass in true-sequential order when the calibration batch fits, two passes
+otherwise), the routed experts' statistics (``expert_calibration.py``), and the checks after pruning.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from abc import abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import ROUTER_ROLE, ExpertRef, LinearRef, WeightRef
+from ..calibration.engine import BlockStep, hooks
+from ..calibration.experts import ALL, ROUTED
+from ..errors import PruningCheckError, RecipeError
+from ..report import ModuleReport, StepReport
+from ..utils import logger
+from .base import PruningMethod, StepConfig
+from .context import PruneContext
+from .expert_calibration import ExpertStatistics
+from .masks import Structure, expected_pruned, nm_violations, parse_structure
+from .targets import Coverage, select_targets
+
+MOE_CALIBRATION = (ROUTED, ALL)
+
+
+@dataclass
+class WeightPruningConfig(StepConfig):
+    """Shared keys of the weight-pruning methods.
+
+    Args:
+        sparsity: fraction of weights to remove in each target linear, in [0, 1). Implied by an N:M structure.
+        structure: ``unstructured`` or ``N:M`` (N weights kept in every M consecutive inputs, e.g. ``2:4``).
+        targets: roles (q, k, v, qkv, o, gate, up, gate_up, down; expert_gate, expert_up, expert_down for routed
+            experts; shared_gate, shared_up, shared_down; router) or regexes on names; default every linear and
+            every routed expert's matrix of the decoder blocks, routers excepted. Embeddings and lm_head are never
+            targets.
+        ignore: roles or regexes to leave dense.
+        true_sequential: score each linear on the inputs of the already pruned part of its block (one forward per
+            block when the calibration batch fits in memory); False scores every linear on the dense block's inputs.
+        sparsity_profile: ``uniform`` (every block at ``sparsity``) or ``owl``: outlier-weighted layerwise sparsity
+            (Yin et al., 2024), blocks with more activation outliers kept denser, averaging to ``sparsity``.
+        owl_m: OWL's outlier threshold, a multiple of the block's mean |W| * ||X|| score.
+        owl_lambda: OWL's lambda: block sparsities span at most 2 * lambda, each within ``sparsity`` +- 2 * lambda
+            (+- lambda when the outlier ratios spread evenly), and average exactly to ``sparsity``.
+        component: for vision-language models: ``language`` (default), ``vision`` (the vision tower) or ``all``.
+        moe_calibration: mixture-of-experts models: ``routed`` (each expert's statistics from the tokens the router
+            sends to it) or ``all`` (every token also goes through every expert, for statistics only; the block's
+            output is unchanged).
+        moe_min_tokens: an expert routed fewer calibration tokens than this is calibrated on every token of its
+            block instead (reported under ``moe.fallback_experts``).
+    """
+
+    sparsity: float | None = None
+    structure: str = "unstructured"
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    true_sequential: bool = True
+    sparsity_profile: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    component: str = "language"
+    moe_calibration: str = "routed"
+    moe_min_tokens: int = 16
+
+    def validate(self) -> None:
+        try:
+            structure = parse_structure(self.structure)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from exc
+        if structure.is_nm:
+            if self.sparsity is not None and abs(self.sparsity - structure.sparsity) > 1e-9:
+                raise RecipeError(
+                    f"sparsity={self.sparsity} contradicts structure {structure} (which keeps {structure.n} of every "
+                    f"{structure.m} weights: sparsity {structure.sparsity:g}); drop sparsity or make them agree."
+                )
+            self.sparsity = structure.sparsity
+        if self.sparsity is None:
+            raise RecipeError(f"{self.method}: 'sparsity' is required for unstructured pruning, e.g. sparsity: 0.5.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise RecipeError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}.")
+        self.sparsity = float(self.sparsity)
+        if self.component not in ("language", "vision", "all"):
+            raise RecipeError(f"component must be 'language', 'vision' or 'all', got {self.component!r}.")
+        if self.moe_calibration not in MOE_CALIBRATION:
+            raise RecipeError(
+                f"moe_calibration must be one of {', '.join(MOE_CALIBRATION)}, got {self.moe_calibration!r}."
+            )
+        if (
+            isinstance(self.moe_min_tokens, bool)
+            or not isinstance(self.moe_min_tokens, int)
+            or self.moe_min_tokens < 0
+        ):
+            raise RecipeError(f"moe_min_tokens must be a non-negative integer, got {self.moe_min_tokens!r}.")
+        if self.sparsity_profile not in ("uniform", "owl"):
+            raise RecipeError(f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}.")
+        if self.sparsity_profile == "owl":
+            if structure.is_nm:
+                raise RecipeError(
+                    f"sparsity_profile: owl gives each block its own sparsity, but {structure} fixes every block at "
+                    f"{structure.sparsity:g}. Use structure: unstructured with OWL, or drop sparsity_profile."
+                )
+            lam = self.owl_lambda
+            if not 0 < lam or self.sparsity + 2 * lam >= 1 or self.sparsity - 2 * lam < 0:
+                raise RecipeError(
+                    f"owl_lambda={lam} must be > 0 and keep sparsity +- 2 * owl_lambda inside [0, 1) "
+                    f"(sparsity={self.sparsity}); lower owl_lambda."
+                )
+            if not self.owl_m > 0:
+                raise RecipeError(f"owl_m must be > 0, got {self.owl_m}.")
+        for key in ("targets", "ignore"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise RecipeError(f"{key} must be a list of roles or regexes, got {value!r}.")
+
+    @property
+    def parsed_structure(self) -> Structure:
+        return parse_structure(self.structure)
+
+
+class _SharedStats:
+    """Statistics shared by linears that read the same input tensor (q/k/v, gate/up): updated once per chunk."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self._last = None
+
+    def holds(self, x: torch.Tensor) -> bool:
+        return self._last is not None and self._last() is x
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.holds(x):
+            return
+        self._last = weakref.ref(x)
+        if self.stats is not None:
+            self.stats.update(x)
+
+
+def split_refs(refs: list[WeightRef]) -> tuple[list[LinearRef], list[ExpertRef]]:
+    return [r for r in refs if isinstance(r, LinearRef)], [r for r in refs if isinstance(r, ExpertRef)]
+
+
+class WeightPruningMethod(PruningMethod):
+    """Unstructured / N:M weight pruning over the block-by-block engine. Subclasses give the math."""
+
+    config: WeightPruningConfig
+    comparison_group: str = "row"  # masks compared per output row ("row") or over the whole matrix ("layer")
+
+    # ---- the method's math ------------------------------------------------------------------------------
+    def make_stats(self, ref: WeightRef):
+        """A running-statistics object with ``update(x)`` for this target's inputs, or None if not needed."""
+        return None
+
+    @abstractmethod
+    def prune_weight(
+        self, weight: torch.Tensor, stats, sparsity: float, structure: Structure, name: str
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Given the (out, in) float32 weight and statistics of the target ``name``, return
+        (new weight or None, mask of pruned entries)."""
+
+    # ---- orchestration ----------------------------------------------------------------------------------
+    def components(self, ctx: PruneContext) -> list[PruneContext]:
+        comp = self.config.component
+        if comp == "language":
+            return [ctx]
+        if not ctx.adapter.is_vlm:
+            raise RecipeError(f"component={comp!r} needs a vision-language model; this is {ctx.adapter.family}.")
+        return [ctx.for_component("vision")] + ([ctx] if comp == "all" else [])
+
+    def preflight(self, ctx: PruneContext) -> None:
+        for part in self.components(ctx):
+            self._preflight_one(part)
+
+    def _preflight_one(self, ctx: PruneContext) -> None:
+        structure = self.config.parsed_structure
+        refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
+        if structure.is_nm:
+            bad = [r for r in refs if r.in_features % structure.m]
+            if bad:
+                raise RecipeError(
+                    f"N:M structure {structure} needs every target's input width divisible by {structure.m}; "
+                    f"{bad[0].name} has {bad[0].in_features} inputs. Use another M, or ignore: "
+                    f"['{bad[0].role}']."
+                )
+
+    def block_sparsities(
+        self, ctx: PruneContext, refs_by_block: dict[int, list[WeightRef]], report: StepReport
+    ) -> dict[int, float]:
+        """Sparsity per block: uniform, or OWL's outlier-weighted profile (one extra dense pass to measure it)."""
+        if self.config.sparsity_profile != "owl":
+            return {i: self.config.sparsity for i in refs_by_block}
+        from .owl import measure_outlier_ratios, owl_sparsities
+
+        ratios = measure_outlier_ratios(ctx.engine(), ctx.adapter, refs_by_block, self.config.owl_m)
+        blocks = sorted(ratios)
+        values = owl_sparsities([ratios[i] for i in blocks], self.config.sparsity, self.config.owl_lambda)
+        report.details["owl_outlier_ratio"] = {i: round(ratios[i], 6) for i in blocks}
+        return dict(zip(blocks, values))
+
+    def run(self, ctx: PruneContext) -> StepReport:
+        start = time.perf_counter()
+        report = StepReport(self.config.method, self.config.to_dict(), self.config.non_default_dict())
+        for part in self.components(ctx):
+            coverage = self._run_one(part, report)
+            ctx.calibration_info = ctx.calibration_info or part.calibration_info
+            self._report_coverage(part, coverage, report)
+        report.time_s = time.perf_counter() - start
+        return report
+
+    def _report_coverage(self, ctx: PruneContext, coverage: Coverage, report: StepReport) -> None:
+        """Nothing silently dense: sparsity over the targets and over every block weight, and what was left."""
+        cov = coverage.result()
+        key = "coverage" if ctx.adapter.component == "language" else f"coverage_{ctx.adapter.component}"
+        report.details[key] = cov
+        for entry in cov["untouched"]:
+            log = logger.info if entry["role"] == ROUTER_ROLE else logger.warning  # routers: left dense by design
+            log(
+                "%s left %s dense (%s, %d blocks, %d weights): %s.",
+                self.config.method,
+                entry["name"],
+                entry["role"] or "no role",
+                len(entry["blocks"]),
+                entry["numel"],
+                entry["include_with"],
+            )
+
+    def _run_one(self, ctx: PruneContext, report: StepReport) -> Coverage:
+        refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
+        coverage = Coverage(ctx.adapter, refs)
+        by_block: dict[int, list[WeightRef]] = {}
+        for ref in refs:
+            by_block.setdefault(ref.block, []).append(ref)
+        sparsities = self.block_sparsities(ctx, by_block, report)
+        if sparsities and len(set(sparsities.values())) > 1:
+            report.details["block_sparsity"] = {int(k): round(v, 6) for k, v in sparsities.items()}
+
+        if not self.needs_calibration:
+            for i, block in enumerate(ctx.adapter.blocks):
+                with ctx.block_context(block):
+                    report.modules += [self._prune_ref(r, None, sparsities[i]) for r in by_block.get(i, [])]
+                    coverage.add_block(i)
+            return coverage
+        engine = ctx.engine()
+        sequential = self.config.true_sequential and engine.num_chunks == 1
+        if self.config.true_sequential and not sequential:
+            logger.warning(
+                "true_sequential needs the whole calibration batch in one forward; it is split in %d chunks, "
+                "so every linear of a block is scored on the dense block's inputs (two passes per block).",
+                engine.num_chunks,
+            )
+        report.details["order"] = "true-sequential (one pass per block)" if sequential else "parallel (two passes)"
+        moe_summary: dict[int, dict] = {}
+        for step in engine.walk(desc=f"{self.config.method}"):
+            block_refs = by_block.get(step.index)
+            if not block_refs:
+                coverage.add_block(step.index)
+                continue
+            s = sparsities[step.index]
+            experts = self._expert_statistics(ctx, step, block_refs)
+            if sequential:
+                step.info["outputs"] = self._one_pass(step, block_refs, s, report, experts)
+            else:
+                self._two_pass(step, block_refs, s, report, experts)
+            if experts is not None:
+                moe_summary[step.index] = experts.summary()
+            coverage.add_block(step.index)
+        if moe_summary:
+            report.details["moe"] = self._moe_details(moe_summary)
+        return coverage
+
+    def _expert_statistics(self, ctx: PruneContext, step: BlockStep, refs: list[WeightRef]):
+        expert_refs = split_refs(refs)[1]
+        if not expert_refs:
+            return None
+        c = self.config
+        spec = ctx.adapter.moe_spec(step.index)
+        return ExpertStatistics(step, spec, expert_refs, self.make_stats, c.moe_calibration, c.moe_min_tokens)
+
+    def _moe_details(self, summary: dict[int, dict]) -> dict:
+        fallback = {i: s["fallback_experts"] for i, s in summary.items() if s["fallback_experts"]}
+        if fallback:
+            logger.warning(
+                "%d expert(s) received fewer than %d routed calibration tokens and were calibrated on every token of "
+                "their block instead: %s",
+                sum(len(v) for v in fallback.values()),
+                self.config.moe_min_tokens,
+                {i: v[:8] for i, v in fallback.items()},
+            )
+        return {
+            "calibration": self.config.moe_calibration,
+            "min_tokens": self.config.moe_min_tokens,
+            "tokens_per_expert": {i: s["tokens_per_expert"] for i, s in summary.items()},
+            "fallback_experts": fallback,
+        }
+
+    def _one_pass(self, step: BlockStep, refs, sparsity: float, report: StepReport, experts):
+        """Prune each target as its inputs arrive (linears in a pre-hook, experts in the experts module's pre-hook);
+        the block's outputs come out pruned."""
+        linears = split_refs(refs)[0]
+        by_input: dict[int, _SharedStats] = {}
+        done: set[str] = set()
+
+        def prune(ref: WeightRef, stats) -> None:
+            if ref.name not in done:
+                report.modules.append(self._prune_ref(ref, stats, sparsity))
+                done.add(ref.name)
+
+        def make_hook(ref: LinearRef):
+            def hook(module, args):
+                if ref.name in done:
+                    return
+                shared = self._shared_for(args[0], ref, by_input)
+                shared.update(args[0])
+                prune(ref, shared.stats)
+
+            return hook
+
+        with hooks([r.module.register_forward_pre_hook(make_hook(r)) for r in linears]):
+            outputs = experts.prune_during(prune) if experts is not None else step.forward()
+        self._prune_missed(refs, done, report)
+        return outputs
+
+    def _two_pass(self, step: BlockStep, refs, sparsity: float, report: StepReport, experts) -> None:
+        """Collect statistics over every chunk of the dense block, then prune; the engine re-runs the block."""
+        linears = split_refs(refs)[0]
+        assigned: dict[str, _SharedStats] = {}
+        by_input: dict[int, _SharedStats] = {}
+
+        def make_hook(ref: LinearRef):
+            def hook(module, args):
+                shared = assigned.get(ref.name)
+                if shared is None:
+                    shared = assigned[ref.name] = self._shared_for(args[0], ref, by_input)
+                shared.update(args[0])
+
+            return hook
+
+        with hooks([r.module.register_forward_pre_hook(make_hook(r)) for r in linears]):
+            if experts is not None:
+                experts.accumulate()
+            else:
+                step.forward(keep_outputs=False)
+        by_input.clear()  # from here on each statistics object is referenced by its linears only, and freed with them
+        stats = {name: shared.stats for name, shared in assigned.items()}
+        if experts is not None:
+            stats.update(experts.stats)
+        done = set()
+        for ref in refs:
+            if ref.name not in stats:
+                continue
+            report.modules.append(self._prune_ref(ref, stats.pop(ref.name), sparsity))
+            done.add(ref.name)
+        self._prune_missed(refs, done, report)
+
+    def _shared_for(self, x: torch.Tensor, ref: WeightRef, by_input: dict[int, _SharedStats]) -> _SharedStats:
+        for key in [k for k, v in by_input.items() if v._last is not None and v._last() is None]:
+            del by_input[key]  # its input is gone, so no later linear can share these statistics: free them
+        shared = by_input.get(id(x))
+        if shared is None or not shared.holds(x):
+            shared = by_input[id(x)] = _SharedStats(self.make_stats(ref))
+        return shared
+
+    def _prune_missed(self, refs, done, report) -> None:
+        missed = [r for r in refs if r.name not in done]
+        if missed:
+            logger.warning(
+                "%d target(s) received no calibration input and stay dense: %s",
+                len(missed),
+                ", ".join(r.name for r in missed[:5]),
+            )
+            report.details.setdefault("not_called", []).extend(r.name for r in missed)
+
+    @torch.no_grad()
+    def _prune_ref(self, ref: WeightRef, stats, sparsity: float) -> ModuleReport:
+        structure = self.config.parsed_structure
+        weight = ref.weight()
+        new_weight, mask = self.prune_weight(weight.float().contiguous(), stats, sparsity, structure, ref.name)
+        if new_weight is not None:
+            weight.copy_(new_weight.to(weight.dtype).masked_fill(mask, 0))
+        else:
+            weight.masked_fill_(mask, 0)
+        return verify_pruned(ref, weight, mask, sparsity, structure, self.comparison_group)
+
+
+def verify_pruned(
+    ref: WeightRef, weight: torch.Tensor, mask: torch.Tensor, sparsity: float, structure: Structure, group: str
+) -> ModuleReport:
+    """The checks after pruning one target: exact pruned count, zeros where the mask says, N:M, finite values."""
+    expected = expected_pruned(tuple(weight.shape), sparsity, structure, group)
+    pruned = int(mask.sum())
+    if pruned != expected:
+        raise PruningCheckError(f"{ref.name}: the mask prunes {pruned} weights, expected exactly {expected}.")
+    if bool((weight[mask] != 0).any()):
+        raise PruningCheckError(f"{ref.name}: weights under the mask are not zero after pruning.")
+    if not bool(torch.isfinite(weight).all()):
+        raise PruningCheckError(f"{ref.name}: NaN or inf in the pruned weight; nothing will be saved.")
+    if structure.is_nm and nm_violations(weight, structure.n, structure.m):
+        raise PruningCheckError(f"{ref.name}: the {structure} pattern does not hold after pruning.")
+    measured = float((weight == 0).sum()) / weight.numel()
+    return ModuleReport(ref.name, ref.role, tuple(weight.shape), sparsity, measured, pruned)
