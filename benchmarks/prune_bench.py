@@ -42,6 +42,14 @@ CONFIGS: dict[str, list[dict]] = {
     "sparsegpt-60-owl": [{"method": "sparsegpt", "sparsity": 0.6, "sparsity_profile": "owl"}],
     "sparsegpt-70-owl": [{"method": "sparsegpt", "sparsity": 0.7, "sparsity_profile": "owl"}],
 }
+# Mixture of experts: per-expert statistics from every token instead of the routed ones; whole-expert removal.
+CONFIGS["wanda-50-moe-all"] = [{"method": "wanda", "sparsity": 0.5, "moe_calibration": "all"}]
+CONFIGS["wanda-2of4-moe-all"] = [{"method": "wanda", "structure": "2:4", "moe_calibration": "all"}]
+CONFIGS["sparsegpt-50-moe-all"] = [{"method": "sparsegpt", "sparsity": 0.5, "moe_calibration": "all"}]
+CONFIGS["sparsegpt-2of4-moe-all"] = [{"method": "sparsegpt", "structure": "2:4", "moe_calibration": "all"}]
+for _pct in (25, 50):
+    for _criterion in ("reap", "frequency", "random"):
+        CONFIGS[f"experts-{_criterion}-{_pct}"] = [{"method": "experts", "criterion": _criterion, "ratio": _pct / 100}]
 for _pct in (10, 20, 25, 30):
     for _rotation in ("per_block", "shared"):
         _step = {"method": "slicegpt", "slicing": _pct / 100, "rotation": _rotation}

@@ -101,16 +101,26 @@ class PruningReport:
             f"- time: {self.time_s:.1f} s; peak RSS {human_bytes(self.peak_rss_bytes)}"
             + (f"; peak CUDA {human_bytes(self.peak_cuda_bytes)}" if self.peak_cuda_bytes else ""),
             "",
-            "| step | method | settings | pruned modules | measured sparsity | time (s) |",
-            "|---|---|---|---|---|---|",
+            "| step | method | settings | pruned modules | measured sparsity | all block weights | time (s) |",
+            "|---|---|---|---|---|---|---|",
         ]
+        left: list[str] = []
         for i, s in enumerate(self.steps):
             settings = ", ".join(f"{k}={v}" for k, v in (s.settings or s.config).items() if k != "method")
             sp = s.sparsity
+            coverage = s.details.get("coverage") or {}
+            block = coverage.get("sparsity_all_block_weights")
             lines.append(
                 f"| {i} | {s.method} | {settings} | {len(s.modules)} | "
-                f"{'-' if sp is None else f'{sp:.4f}'} | {s.time_s:.1f} |"
+                f"{'-' if sp is None else f'{sp:.4f}'} | {'-' if block is None else f'{block:.4f}'} | {s.time_s:.1f} |"
             )
+            left += [
+                f"step {i} left `{u['name']}` dense ({u['role'] or 'no role'}, {u['numel']:,} weights): "
+                f"{u['include_with']}"
+                for u in coverage.get("untouched", [])
+            ]
+        if left:
+            lines += ["", *(f"- {line}" for line in left)]
         if self.evaluation:
             lines += ["", "| evaluation | value |", "|---|---|"]
             for k, v in self.evaluation.items():

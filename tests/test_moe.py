@@ -109,6 +109,8 @@ def test_targets_and_coverage_name_what_was_left(tokenizer, tiny_recipe):
     assert untouched["model.layers.*.mlp.experts.gate_up_proj[*].up"]["role"] == "expert_up"
     assert untouched["model.layers.*.self_attn.q_proj"]["role"] == "q"
     assert untouched["model.layers.*.mlp.shared_expert_gate"]["role"] == "router"
+    text = report.to_markdown()
+    assert "all block weights" in text and "`model.layers.*.mlp.experts.gate_up_proj[*].gate` dense" in text
 
 
 def test_routers_are_pruned_only_when_named(tokenizer, tiny_recipe):
@@ -229,7 +231,7 @@ def test_expert_criteria(criterion, tokenizer, tiny_recipe):
 def test_expert_removal_refuses_bad_requests_before_any_work(tokenizer, tiny_recipe):
     model = make_tiny_model("llama4_text")  # top-1 of 4
     for step, message in [
-        ({"method": "experts", "num_experts": 4}, "fewer than the 1 the router picks"),
+        ({"method": "experts", "num_experts": 4}, "would leave none"),
         ({"method": "experts", "num_experts": 2, "ratio": 0.5}, "exactly one of"),
     ]:
         with pytest.raises(RecipeError, match=message):
@@ -290,3 +292,95 @@ def test_streaming_and_offloaded_device_map_prune_experts_like_in_memory(family,
     assert offloaded.model.layers[2].mlp.experts.down_proj.device.type == "meta"
     HFPruner(offloaded, tokenizer, recipe).prune()
     assert torch.equal(_logits(offloaded), _logits(memory.model))
+
+
+def test_top_k_follows_when_fewer_experts_remain(tokenizer, tiny_recipe, tmp_path):
+    model = make_tiny_model("qwen3_moe")  # top-2 of 8
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "experts", "criterion": "frequency", "num_experts": 7}))
+    details = pruner.prune().steps[0].details
+    assert details["config_changes"] == {"num_experts": [8, 1], "num_experts_per_tok": [2, 1]}
+    reloaded = _reload(pruner, tmp_path)
+    assert reloaded.config.num_experts_per_tok == 1
+    assert torch.equal(_logits(reloaded), _logits(model))
+
+
+# ------------------------------------------------------------------ per-expert linears (ModuleList layout)
+class _ExpertMLP(torch.nn.Module):
+    def __init__(self, gate_up, down, act):
+        super().__init__()
+        width = down.shape[1]
+        self.gate_proj = torch.nn.Linear(gate_up.shape[1], width, bias=False)
+        self.up_proj = torch.nn.Linear(gate_up.shape[1], width, bias=False)
+        self.down_proj = torch.nn.Linear(width, down.shape[0], bias=False)
+        self.gate_proj.weight.data, self.up_proj.weight.data = gate_up[:width].clone(), gate_up[width:].clone()
+        self.down_proj.weight.data = down.clone()
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _LoopExperts(torch.nn.ModuleList):
+    """The layout of remote-code MoEs: one MLP module per expert, each called on its routed tokens."""
+
+    skip: tuple[int, ...] = ()  # experts treated as never chosen
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for e, mlp in enumerate(self):
+            tokens, slot = torch.where(top_k_index == e)
+            if len(tokens) and e not in self.skip:
+                out.index_add_(0, tokens, mlp(hidden[tokens]) * top_k_weights[tokens, slot, None])
+        return out
+
+
+def _per_expert_model():
+    model = make_tiny_model("qwen3_moe")
+    for layer in model.model.layers:
+        fused = layer.mlp.experts
+        mlps = [_ExpertMLP(fused.gate_up_proj[e].data, fused.down_proj[e].data, fused.act_fn) for e in range(8)]
+        layer.mlp.experts = _LoopExperts(mlps)
+    return model
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_per_expert_linears_are_pruned_from_their_routed_tokens(true_sequential, tokenizer, tiny_recipe):
+    fused_model = make_tiny_model("qwen3_moe")
+    model = _per_expert_model()
+    assert torch.allclose(_logits(model), _logits(fused_model), atol=1e-5)
+    adapter = ModelAdapter(model)
+    refs = adapter.experts(0)
+    assert len(refs) == 24 and {r.role for r in refs} == {"expert_gate", "expert_up", "expert_down"}
+    assert not any(".experts." in r.name for r in adapter.linears(0))
+    step = {"method": "wanda", "sparsity": 0.5, "true_sequential": true_sequential, "moe_min_tokens": 0}
+    report = HFPruner(model, tokenizer, tiny_recipe(step)).prune()
+    for ref in ModelAdapter(model).all_weight_targets():
+        if ref.role != "router":
+            assert ((ref.weight() == 0).sum(dim=1) == ref.in_features // 2).all(), ref.name
+    # the same per-expert statistics as the fused layout: identical masks
+    HFPruner(fused_model, tokenizer, tiny_recipe(step)).prune()
+    for i, layer in enumerate(model.model.layers):
+        for e, mlp in enumerate(layer.mlp.experts):
+            fused = fused_model.model.layers[i].mlp.experts
+            assert torch.equal(mlp.down_proj.weight == 0, fused.down_proj[e] == 0)
+            assert torch.equal(mlp.gate_proj.weight == 0, fused.gate_up_proj[e][:32] == 0)
+    assert report.steps[0].details["moe"]["tokens_per_expert"]
+
+
+def test_per_expert_linears_never_routed_fall_back_to_all_tokens(tokenizer, tiny_recipe):
+    model = _per_expert_model()
+    model.model.layers[1].mlp.experts.skip = (3,)  # expert 3 of block 1 is never called
+    report = HFPruner(model, tokenizer, tiny_recipe({"method": "sparsegpt", "sparsity": 0.5})).prune()
+    moe = report.steps[0].details["moe"]
+    assert moe["tokens_per_expert"][1][3] == 0 and 3 in moe["fallback_experts"][1]
+    w = model.model.layers[1].mlp.experts[3].down_proj.weight
+    assert int((w == 0).sum()) == w.numel() // 2
+    with pytest.raises(RecipeError, match="ModuleList"):
+        HFPruner(model, tokenizer, tiny_recipe({"method": "experts", "num_experts": 2})).prune()
+
+
+def test_shipped_moe_recipe_parses():
+    from hf_prune import Recipe
+
+    recipe = Recipe.from_yaml("configs/moe_experts_wanda.yaml")
+    assert [s.method for s in recipe.steps] == ["experts", "wanda"] and recipe.steps[1].moe_calibration == "routed"

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..utils import logger
-from .experts import ExpertRef, discover_moe, expert_refs
+from .experts import ExpertRef, discover_moe, expert_linear_paths, expert_refs, is_fused
 from .table import FAMILIES, ROUTER_ROLE, TEXT_ALIASES, VLM_FAMILIES, ArchSpec, MoESpec, VLMSpec, prefixed
 
 COMPONENTS = ("language", "vision")
@@ -53,6 +53,7 @@ class LinearRef:
     local: str
     module: nn.Module
     block: int = -1
+    expert: int | None = None  # a routed expert's linear (per-expert ModuleList layout)
 
     @property
     def param_name(self) -> str:
@@ -194,6 +195,8 @@ class ModelAdapter:
             extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m)]
         moe = self.moe_spec(index)
         routers = {moe.router, *moe.other_routers} if moe is not None else set()
+        if moe is not None:  # per-expert linears are experts(index), not plain linears
+            extra = [(n, m) for n, m in extra if not n.startswith(moe.experts + ".")]
         for local, module in extra:
             role = ROUTER_ROLE if local in routers else local.split(".")[-1]
             refs.append(LinearRef(f"{prefix}.{local}", role, local, module, index))
@@ -235,9 +238,17 @@ class ModelAdapter:
     def experts(self, index: int) -> list[ExpertRef]:
         """Every routed expert's gate, up and down matrix in block ``index`` (empty for a dense block)."""
         spec = self.moe_spec(index)
-        if spec is None or not spec.layout.fused:
+        if spec is None:
             return []
-        return expert_refs(self.experts_module(index), spec.layout, self.block_name(index), spec.experts, index)
+        experts, prefix = self.experts_module(index), self.block_name(index)
+        if is_fused(experts):
+            return expert_refs(experts, spec.layout, prefix, spec.experts, index)
+        refs = []
+        for e, mlp in enumerate(experts):
+            for role, name in expert_linear_paths(mlp, spec.layout).items():
+                local = f"{spec.experts}.{e}.{name}"
+                refs.append(LinearRef(f"{prefix}.{local}", role, local, getattr(mlp, name), index, expert=e))
+        return refs
 
     def weight_targets(self, index: int) -> list[LinearRef | ExpertRef]:
         """What weight pruning can prune in block ``index``: its linears and its routed experts' matrices."""

@@ -57,10 +57,23 @@ class ExpertRef:
         return getattr(self.experts, self.param).device
 
 
+def is_fused(experts: nn.Module) -> bool:
+    """Fused 3-D parameters (transformers 5), or a ModuleList of per-expert MLPs."""
+    return not isinstance(experts, nn.ModuleList)
+
+
 def expert_count(experts: nn.Module, layout: ExpertLayout) -> int:
-    if not layout.fused:
-        return len(experts)
-    return getattr(experts, layout.down).shape[0]
+    return getattr(experts, layout.down).shape[0] if is_fused(experts) else len(experts)
+
+
+def expert_linear_paths(mlp: nn.Module, layout: ExpertLayout) -> dict[str, str]:
+    """role -> name of the linear inside one per-expert MLP (the first of the layout's names it has)."""
+    out = {}
+    for role, names in layout.expert_linears.items():
+        name = next((n for n in names if isinstance(getattr(mlp, n, None), nn.Linear)), None)
+        if name is not None:
+            out[role] = name
+    return out
 
 
 def expert_refs(experts: nn.Module, layout: ExpertLayout, prefix: str, local: str, block: int) -> list[ExpertRef]:

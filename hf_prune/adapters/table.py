@@ -32,7 +32,8 @@ class ExpertLayout:
     Fused layout (transformers 5): ``gate_up`` and ``down`` name 3-D parameters of the experts module, one matrix per
     expert along dim 0, each (out, in) or, with ``transposed``, (in, out); gate and up rows are concatenated
     ([gate; up]) or ``interleaved`` (gate0, up0, gate1, ...). ``gate_up`` None: no gate, ``up`` names the first matrix.
-    Per-expert layout: ``expert_linears`` maps roles to paths inside ``experts[i]`` (a ModuleList of MLPs).
+    Per-expert layout (remote code, older checkpoints): the experts module is a ModuleList of MLPs whose linears are
+    found under the names of ``expert_linears`` (first match per role); detected from the module, not declared.
 
     ``call``: how the block calls the experts module. ``routed``: (hidden (T, H), top_k_index (T, k),
     top_k_weights (T, k)), each expert's output scaled by its weight; ``scaled_rows`` (Llama 4): one (E * T, H)
@@ -47,11 +48,13 @@ class ExpertLayout:
     gate_up_bias: str | None = None
     down_bias: str | None = None
     call: str = "routed"
-    expert_linears: dict[str, str] | None = None
-
-    @property
-    def fused(self) -> bool:
-        return self.expert_linears is None
+    expert_linears: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "expert_gate": ("gate_proj", "w1"),
+            "expert_up": ("up_proj", "w3"),
+            "expert_down": ("down_proj", "w2"),
+        }
+    )
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,17 @@ def expert_output(experts: nn.Module, layout: ExpertLayout, e: int, x: torch.Ten
     return nn.functional.linear(h, w, _bias(experts, layout.down_bias, e))
 
 
+@torch.no_grad()
+def mlp_hidden(mlp: nn.Module, layout: ExpertLayout, x: torch.Tensor) -> torch.Tensor:
+    """The down projection's inputs of one per-expert MLP (ModuleList layout): act(gate(x)) * up(x)."""
+    from ..adapters.experts import expert_linear_paths
+
+    paths = expert_linear_paths(mlp, layout)
+    act = getattr(mlp, "act_fn", None) or mlp.act
+    up = getattr(mlp, paths["expert_up"])(x)
+    return act(getattr(mlp, paths["expert_gate"])(x)) * up if "expert_gate" in paths else act(up)
+
+
 def parent_path(experts_path: str) -> str:
     return experts_path.rpartition(".")[0]
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ..adapters import ExpertRef, MoESpec
+from ..adapters import MoESpec, WeightRef
+from ..adapters.experts import expert_count, is_fused
 from ..calibration.engine import BlockStep, hooks
-from ..calibration.experts import ALL, ROUTED, ParentInput, expert_hidden, split_expert_call
+from ..calibration.experts import ALL, ROUTED, ParentInput, expert_hidden, mlp_hidden, split_expert_call
 
 
 class ExpertStatistics:
@@ -29,7 +30,7 @@ class ExpertStatistics:
     Args:
         step: the block being walked.
         spec: its MoE layout.
-        refs: the targeted expert matrices of this block.
+        refs: the targeted expert matrices of this block (fused views, or per-expert linears).
         make_stats: a fresh statistics object for a target (``update(x)``), or None when the method needs none.
         mode: ``routed`` or ``all``.
         min_tokens: below this many routed tokens an expert is calibrated on all tokens.
@@ -39,22 +40,24 @@ class ExpertStatistics:
         self,
         step: BlockStep,
         spec: MoESpec,
-        refs: list[ExpertRef],
-        make_stats: Callable[[ExpertRef], Any],
+        refs: list[WeightRef],
+        make_stats: Callable[[WeightRef], Any],
         mode: str = ROUTED,
         min_tokens: int = 0,
     ):
         self.step, self.spec, self.make_stats = step, spec, make_stats
         self.mode, self.min_tokens = mode, min_tokens
         self.experts = step.block.get_submodule(spec.experts)
-        self.num_experts = getattr(self.experts, spec.layout.down).shape[0]
-        self.by_expert: dict[int, list[ExpertRef]] = {}
+        self.fused = is_fused(self.experts)
+        self.num_experts = expert_count(self.experts, spec.layout)
+        self.by_expert: dict[int, list[WeightRef]] = {}
         for ref in refs:
             self.by_expert.setdefault(ref.expert, []).append(ref)
         self.tokens = [0] * self.num_experts
         self.fallback: list[int] = []
         self.stats: dict[str, Any] = {}
-        self._parent = ParentInput(step.block, spec.experts) if spec.layout.call == "scaled_rows" else None
+        needs_parent = spec.layout.call == "scaled_rows" or not self.fused
+        self._parent = ParentInput(step.block, spec.experts) if needs_parent else None
 
     # ------------------------------------------------------------------ passes
     def accumulate(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
@@ -70,12 +73,14 @@ class ExpertStatistics:
                 self._forward(None, set(self.fallback), count=False, mode=ALL)
         return outputs
 
-    def prune_during(self, prune: Callable[[ExpertRef, Any], None]) -> list[torch.Tensor]:
+    def prune_during(self, prune: Callable[[WeightRef, Any], None]) -> list[torch.Tensor]:
         """One forward in which every expert is pruned as its inputs arrive; returns the block's outputs."""
         return self._forward(prune, set(self.by_expert), count=True, keep_outputs=True)
 
     def _forward(self, prune, experts: set[int], count: bool, mode: str | None = None, keep_outputs: bool = False):
         mode = mode or self.mode
+        if not self.fused:
+            return self._forward_per_expert(prune, experts, count, mode, keep_outputs)
 
         def hook(module, args, kwargs):
             hidden = self._parent.hidden if self._parent is not None else None
@@ -96,6 +101,53 @@ class ExpertStatistics:
         with hooks(handles):
             return self.step.forward(keep_outputs=keep_outputs)
 
+    def _forward_per_expert(self, prune, experts: set[int], count: bool, mode: str, keep_outputs: bool):
+        """ModuleList layout: the block calls each expert's MLP on its routed tokens (a pre-hook on each), the MoE
+        module's input holds every token (``all``, and the fallback for experts routed too few tokens)."""
+        seen: set[int] = set()
+
+        def every_token() -> torch.Tensor:
+            return self._parent.hidden.reshape(-1, self._parent.hidden.shape[-1])
+
+        def expert_hook(e: int):
+            def hook(module, args, kwargs):
+                x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+                x = x.reshape(-1, x.shape[-1])
+                if count:
+                    self.tokens[e] += x.shape[0]
+                if e not in experts or mode == ALL:
+                    return
+                if prune is not None and x.shape[0] < max(self.min_tokens, 1):
+                    x = every_token()
+                    self.fallback.append(e)
+                seen.add(e)
+                self._update(e, x, prune)
+
+            return hook
+
+        def before(module, args, kwargs):
+            if mode == ALL:
+                for e in sorted(experts):
+                    self._update(e, every_token(), prune)
+
+        def after(module, args, kwargs, output):  # one pass: experts the router never chose
+            if mode == ROUTED and prune is not None:
+                for e in sorted(experts - seen):
+                    self.fallback.append(e)
+                    self._update(e, every_token(), prune)
+
+        parent = self._parent.module
+        handles = [self._parent.hook(), parent.register_forward_pre_hook(before, with_kwargs=True)]
+        handles.append(parent.register_forward_hook(after, with_kwargs=True))
+        handles += [m.register_forward_pre_hook(expert_hook(e), with_kwargs=True) for e, m in enumerate(self.experts)]
+        with hooks(handles):
+            return self.step.forward(keep_outputs=keep_outputs)
+
+    def _hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return expert_hidden(self.experts, self.spec.layout, e, x)
+        return mlp_hidden(self.experts[e], self.spec.layout, x)
+
     def _update(self, e: int, x: torch.Tensor, prune) -> None:
         refs = self.by_expert[e]
         readers = [r for r in refs if r.role != "expert_down"]
@@ -111,7 +163,7 @@ class ExpertStatistics:
         for ref in down:
             stats = self.stats.get(ref.name) or self.make_stats(ref)
             if stats is not None:
-                stats.update(expert_hidden(self.experts, self.spec.layout, e, x))
+                stats.update(self._hidden(e, x))
             self.stats[ref.name] = stats
             if prune is not None:
                 prune(ref, stats)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import ROUTER_ROLE, ExpertRef, LinearRef, WeightRef
+from ..adapters import ROUTER_ROLE, LinearRef, WeightRef
 from ..calibration.engine import BlockStep, hooks
 from ..calibration.experts import ALL, ROUTED
 from ..errors import PruningCheckError, RecipeError
@@ -144,8 +144,9 @@ class _SharedStats:
             self.stats.update(x)
 
 
-def split_refs(refs: list[WeightRef]) -> tuple[list[LinearRef], list[ExpertRef]]:
-    return [r for r in refs if isinstance(r, LinearRef)], [r for r in refs if isinstance(r, ExpertRef)]
+def split_refs(refs: list[WeightRef]) -> tuple[list[LinearRef], list[WeightRef]]:
+    """(plain linears, routed experts' matrices: fused views or per-expert linears)."""
+    return [r for r in refs if r.expert is None], [r for r in refs if r.expert is not None]
 
 
 class WeightPruningMethod(PruningMethod):

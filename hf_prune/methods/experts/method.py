@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ...adapters import ModelAdapter
+from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import hooks
 from ...calibration.experts import ParentInput, expert_output, split_expert_call
 from ...calibration.offload import offload_hooks
@@ -99,31 +100,42 @@ class ExpertsMethod(PruningMethod):
                 "deepseek_v3, llama4_text)."
             )
         spec = adapter.moe_spec(blocks[0])
-        counts = {getattr(adapter.experts_module(i), adapter.moe_spec(i).layout.down).shape[0] for i in blocks}
+        counts = {expert_count(adapter.experts_module(i), adapter.moe_spec(i).layout) for i in blocks}
         if len(counts) != 1:
             raise RecipeError(f"experts: MoE blocks hold different expert counts {sorted(counts)}; not supported.")
         total = counts.pop()
         c = self.config
         k = c.num_experts if c.num_experts is not None else max(1, round(c.ratio * total))
-        config = text_config(adapter.model)
-        top_k = getattr(config, spec.top_k_key, None)
-        if isinstance(top_k, int) and total - k < top_k:
+        if k >= total:
             raise RecipeError(
-                f"experts: removing {k} of {total} experts leaves {total - k}, fewer than the {top_k} the router "
-                f"picks per token ({spec.top_k_key}); remove at most {total - top_k}."
+                f"experts: removing {k} of {total} experts would leave none; remove at most {total - 1}."
             )
+        config = text_config(adapter.model)
         groups = getattr(config, spec.expert_groups_key, 1) if spec.expert_groups_key else 1
         groups = groups if isinstance(groups, int) and groups > 0 else 1
-        if groups > 1:
-            topk_group = getattr(config, "topk_group", 1)
-            if k % groups or (total - k) // groups < 2 or (top_k and (total - k) // groups * topk_group < top_k):
-                raise RecipeError(
-                    f"experts: this model routes over {groups} equal groups of experts ({spec.expert_groups_key}); "
-                    f"remove a multiple of {groups} that leaves at least 2 experts per group (asked {k} of {total})."
-                )
+        if groups > 1 and (k % groups or (total - k) // groups < 2):
+            raise RecipeError(
+                f"experts: this model routes over {groups} equal groups of experts ({spec.expert_groups_key}); "
+                f"remove a multiple of {groups} that leaves at least 2 experts per group (asked {k} of {total})."
+            )
+        if not is_fused(adapter.experts_module(blocks[0])):
+            raise RecipeError(
+                "experts: this model keeps its experts as a ModuleList of MLPs (remote code or an older layout); "
+                "expert removal slices transformers 5's fused expert tensors. Load it with the transformers 5 class."
+            )
         if adapter.router_module(blocks[0]) is None:
             raise RecipeError(f"experts: cannot find the router of {adapter.family}'s MoE blocks to slice its rows.")
         return total, k, groups
+
+    @staticmethod
+    def _top_k_change(adapter: ModelAdapter, remaining: int, groups: int) -> tuple[int, int] | None:
+        """(old, new) experts per token when fewer experts remain than the router picks (or can reach through
+        DeepSeek's group-limited routing), else None."""
+        spec = adapter.moe_spec(adapter.moe_blocks()[0])
+        config = text_config(adapter.model)
+        top_k = getattr(config, spec.top_k_key, None)
+        reachable = remaining // groups * getattr(config, "topk_group", groups) if groups > 1 else remaining
+        return (top_k, reachable) if isinstance(top_k, int) and top_k > reachable else None
 
     def preflight(self, ctx: PruneContext) -> None:
         self._plan(ctx.adapter)
@@ -138,6 +150,7 @@ class ExpertsMethod(PruningMethod):
         start = time.perf_counter()
         c, adapter = self.config, ctx.adapter
         total, k, groups = self._plan(adapter)
+        top_k = self._top_k_change(adapter, total - k, groups)
         report = StepReport(c.method, c.to_dict(), c.non_default_dict())
         removed: dict[int, list[int]] = {}
         scores_out: dict[int, list[float]] = {}
@@ -147,7 +160,7 @@ class ExpertsMethod(PruningMethod):
             for i in sorted(moe_blocks):
                 removed[i] = lowest(random_scores(total, c.seed, i), k, groups)
                 with ctx.block_context(adapter.blocks[i]):
-                    remove_experts(adapter, i, removed[i])
+                    remove_experts(adapter, i, removed[i], top_k)
         else:
             for step in ctx.engine().walk(desc=f"experts: {c.criterion}"):
                 if step.index not in moe_blocks:
@@ -157,14 +170,22 @@ class ExpertsMethod(PruningMethod):
                 removed[step.index] = lowest(values, k, groups)
                 scores_out[step.index] = [round(float(v), 6) for v in values]
                 tokens_out[step.index] = [int(t) for t in scores.tokens]
-                remove_experts(adapter, step.index, removed[step.index])  # the engine re-runs the pruned block
+                remove_experts(adapter, step.index, removed[step.index], top_k)  # the engine re-runs the pruned block
         spec = adapter.moe_spec(min(moe_blocks))
-        set_expert_count(text_config(ctx.model), spec.num_experts_key, total - k)
+        config = text_config(ctx.model)
+        set_expert_count(config, spec.num_experts_key, total - k)
+        changes = {spec.num_experts_key: [total, total - k]}
+        if top_k is not None:
+            setattr(config, spec.top_k_key, top_k[1])
+            changes[spec.top_k_key] = list(top_k)
+            logger.warning(
+                "experts: %d experts remain; each token now goes to %d (was %d).", total - k, top_k[1], top_k[0]
+            )
         self.removed = removed
         report.details = {
             "experts_before": total,
             "experts_after": total - k,
-            "config_changes": {spec.num_experts_key: [total, total - k]},
+            "config_changes": changes,
             "removed_experts": removed,
         }
         if scores_out:

@@ -24,8 +24,9 @@ def _slice_dim0(module: nn.Module, keep: list[int], old: int) -> list[str]:
     return changed
 
 
-def remove_experts(adapter: ModelAdapter, index: int, remove: list[int]) -> int:
-    """Delete experts ``remove`` of block ``index``; return how many remain."""
+def remove_experts(adapter: ModelAdapter, index: int, remove: list[int], top_k: tuple[int, int] | None = None) -> int:
+    """Delete experts ``remove`` of block ``index``; return how many remain. ``top_k`` (old, new): the block's
+    modules route each token to ``new`` experts (fewer remain than the router picked)."""
     spec = adapter.moe_spec(index)
     experts = adapter.experts_module(index)
     old = getattr(experts, spec.layout.down).shape[0]
@@ -41,6 +42,8 @@ def remove_experts(adapter: ModelAdapter, index: int, remove: list[int]) -> int:
         for attr in _COUNT_ATTRIBUTES:
             if getattr(module, attr, None) == old:
                 setattr(module, attr, len(keep))
+        if top_k is not None and getattr(module, "top_k", None) == top_k[0]:
+            module.top_k = top_k[1]
     return len(keep)
 
 
