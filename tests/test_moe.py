@@ -68,7 +68,14 @@ def test_expert_math_reproduces_the_experts_module(family):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-@pytest.mark.parametrize("step", [{"method": "wanda", "sparsity": 0.5}, {"method": "sparsegpt", "structure": "2:4"}])
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"method": "wanda", "sparsity": 0.5},
+        {"method": "sparsegpt", "structure": "2:4"},
+        {"method": "wanda", "sparsity": 0.5, "moe_calibration": "all", "true_sequential": False},
+    ],
+)
 def test_every_expert_matrix_is_pruned_exactly(family, step, tokenizer, tiny_recipe, tmp_path):
     model = make_tiny_model(family)
     pruner = HFPruner(model, tokenizer, tiny_recipe(step))

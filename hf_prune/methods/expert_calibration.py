@@ -149,24 +149,31 @@ class ExpertStatistics:
         return mlp_hidden(self.experts[e], self.spec.layout, x)
 
     def _update(self, e: int, x: torch.Tensor, prune) -> None:
+        """Feed expert ``e``'s statistics with inputs ``x``; with ``prune``, prune its matrices right away and keep
+        nothing (one expert's statistics in memory at a time), else keep them for the caller."""
         refs = self.by_expert[e]
         readers = [r for r in refs if r.role != "expert_down"]
         down = [r for r in refs if r.role == "expert_down"]
         if readers:
-            stats = self.stats.get(readers[0].name) or self.make_stats(readers[0])
-            if stats is not None:
-                stats.update(x)
+            stats = self._stats_for(readers[0], x)
             for ref in readers:
-                self.stats[ref.name] = stats
-                if prune is not None:
-                    prune(ref, stats)
+                self._keep_or_prune(ref, stats, prune)
         for ref in down:
-            stats = self.stats.get(ref.name) or self.make_stats(ref)
-            if stats is not None:
-                stats.update(self._hidden(e, x))
+            self._keep_or_prune(ref, self._stats_for(ref, self._hidden(e, x)), prune)
+
+    def _stats_for(self, ref: WeightRef, x: torch.Tensor):
+        stats = self.stats.get(ref.name)
+        if stats is None:
+            stats = self.make_stats(ref)
+        if stats is not None:
+            stats.update(x)
+        return stats
+
+    def _keep_or_prune(self, ref: WeightRef, stats, prune) -> None:
+        if prune is None:
             self.stats[ref.name] = stats
-            if prune is not None:
-                prune(ref, stats)
+        else:
+            prune(ref, stats)
 
     def summary(self) -> dict[str, Any]:
         return {"tokens_per_expert": list(self.tokens), "fallback_experts": sorted(set(self.fallback))}
