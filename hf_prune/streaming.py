@@ -130,7 +130,7 @@ class StreamingBlocks:
     def __call__(self, block: nn.Module):
         i = next(j for j, b in enumerate(self.adapter.blocks) if b is block)
         prefix = f"{self.adapter.block_name(i)}."
-        tensors = to_model_layout(self.adapter.model, self.ckpt.load(self.ckpt.keys(prefix)))
+        tensors = to_model_layout(self.adapter.model, self._read(i, prefix))
         block.to_empty(device="cpu")
         missing, unexpected = block.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=False)
         if missing or unexpected:
@@ -144,6 +144,13 @@ class StreamingBlocks:
         finally:
             block.to("meta")
             gc.collect()
+
+    def _read(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
+        """Block i as the previous step left it (its output shard), or from the source checkpoint the first time."""
+        if i not in self.written:
+            return self.ckpt.load(self.ckpt.keys(prefix))
+        with safe_open(str(self.out / self.shard_name(i)), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
 
     def write(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.adapter.block_name(i)}."

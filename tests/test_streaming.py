@@ -142,3 +142,18 @@ def test_cli_streaming(sharded, tmp_path, calib_texts):
         == 0
     )
     assert (tmp_path / "cli" / "model.safetensors.index.json").exists()
+
+
+def test_a_multi_step_recipe_streams_like_in_memory(sharded, tmp_path, tiny_recipe):
+    """Each step reads the blocks as the previous step left them (not the source checkpoint again)."""
+    src = sharded("llama")
+    recipe = tiny_recipe({"method": "wanda", "sparsity": 0.5, "targets": ["q"]})
+    recipe["steps"].append({"method": "magnitude", "sparsity": 0.5, "targets": ["k"]})
+    pruner = HFPruner.from_pretrained(str(src), recipe=recipe)
+    pruner.prune()
+    pruner.save_pretrained(tmp_path / "memory")
+    prune_streaming(src, recipe, tmp_path / "stream")
+    memory, stream = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert float((stream["model.layers.0.self_attn.q_proj.weight"] == 0).float().mean()) == 0.5
+    assert float((stream["model.layers.0.self_attn.k_proj.weight"] == 0).float().mean()) == 0.5
+    assert set(memory) == set(stream) and all(torch.equal(memory[k], stream[k]) for k in memory)
