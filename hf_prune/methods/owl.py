@@ -45,7 +45,12 @@ def _norm_stats(ref: WeightRef) -> InputNormStats:
 
 @torch.no_grad()
 def measure_outlier_ratios(
-    engine: BlockwiseEngine, adapter: ModelAdapter, refs_by_block: dict[int, list[WeightRef]], m: float
+    engine: BlockwiseEngine,
+    adapter: ModelAdapter,
+    refs_by_block: dict[int, list[WeightRef]],
+    m: float,
+    moe_calibration: str = "routed",
+    moe_min_tokens: int = 0,
 ) -> dict[int, float]:
     """One dense pass: each block's outlier ratio of Wanda scores over its targets (routed experts scored on the
     tokens routed to them)."""
@@ -60,7 +65,8 @@ def measure_outlier_ratios(
         stats = {r.name: _norm_stats(r) for r in linears}
         with hooks([r.module.register_forward_pre_hook(_updater(stats[r.name])) for r in linears]):
             if experts:
-                collector = ExpertStatistics(step, adapter.moe_spec(step.index), experts, _norm_stats)
+                spec = adapter.moe_spec(step.index)
+                collector = ExpertStatistics(step, spec, experts, _norm_stats, moe_calibration, moe_min_tokens)
                 step.info["outputs"] = collector.accumulate(keep_outputs=True)
                 stats.update(collector.stats)
             else:

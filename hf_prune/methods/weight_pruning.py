@@ -200,7 +200,10 @@ class WeightPruningMethod(PruningMethod):
             return {i: self.config.sparsity for i in refs_by_block}
         from .owl import measure_outlier_ratios, owl_sparsities
 
-        ratios = measure_outlier_ratios(ctx.engine(), ctx.adapter, refs_by_block, self.config.owl_m)
+        c = self.config
+        ratios = measure_outlier_ratios(
+            ctx.engine(), ctx.adapter, refs_by_block, c.owl_m, c.moe_calibration, c.moe_min_tokens
+        )
         blocks = sorted(ratios)
         values = owl_sparsities([ratios[i] for i in blocks], self.config.sparsity, self.config.owl_lambda)
         report.details["owl_outlier_ratio"] = {i: round(ratios[i], 6) for i in blocks}
