@@ -73,16 +73,20 @@ def _check_before_loading(model: str | None, output: str | None, overwrite: bool
 
 
 def _finish(pruner, recipe, output: str | None, overwrite: bool, report_json: str | None) -> None:
+    from . import distributed
+
     report = pruner.prune()
     if recipe.heal is not None:
         pruner.heal()
-    print(report.to_markdown())
-    if report_json:
-        report.to_json(report_json)
+    if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 speaks and writes
+        print(report.to_markdown())
+        if report_json:
+            report.to_json(report_json)
     out = output or recipe.output.dir
     if out:
         path = pruner.save_pretrained(out, overwrite=overwrite or recipe.output.overwrite)
-        print(f"Saved pruned model to {path}")
+        if distributed.is_main():
+            print(f"Saved pruned model to {path}")
 
 
 def _streaming(recipe, model: str, output: str | None, overwrite: bool, report_json: str | None) -> None:
@@ -323,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "max_windows", None) == 0:
         args.max_windows = None
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from . import distributed
+
+    distributed.init_from_env()
+    level = logging.DEBUG if args.verbose else logging.INFO
+    setup_logging(level if distributed.is_main() else logging.WARNING)
     try:
         args.func(args)
     except HFPruneError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .adapters import ModelAdapter
 from .assets import is_packaged, resolve_packaged_model
 from .checkpoint import assert_finite_parameters, atomic_write_folder, check_model_source, check_output_dir
@@ -120,6 +120,7 @@ class HFPruner:
     def __init__(
         self, model: nn.Module, tokenizer: Any = None, recipe: Recipe | dict | str | None = None, processor: Any = None
     ):
+        distributed.init_from_env()  # under torchrun: data-parallel calibration over the ranks
         self.model = model
         self.processor = processor
         self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
@@ -157,6 +158,8 @@ class HFPruner:
         check_model_source(model_id)
         if recipe.output.dir:  # refuse an output folder it could not write before loading anything
             check_output_dir(recipe.output.dir, recipe.output.overwrite, [str(model_id)])
+        if distributed.init_from_env() and torch.cuda.is_available() and "device_map" not in model_kwargs:
+            model_kwargs["device_map"] = {"": torch.device("cuda", torch.cuda.current_device())}  # one GPU per rank
         model, tokenizer, processor = load_pretrained(model_id, tokenizer=tokenizer, **model_kwargs)
         pruner = cls(model, tokenizer, recipe, processor=processor)
         pruner._source = resolve_model_path(model_id)
@@ -243,6 +246,8 @@ class HFPruner:
             "hf_prune_version": __version__,
             "base_model": str(self._base_model) if self._base_model else None,
         }
+        if distributed.active():
+            entry["world_size"] = distributed.world_size()
         if self._heal is not None:
             entry["heal"] = self._heal
         setattr(self.model.config, PRUNING_CONFIG_KEY, entry)
@@ -337,6 +342,10 @@ class HFPruner:
         """
         check_output_dir(save_directory, overwrite, [self._source])
         assert_finite_parameters(self.model)
+        distributed.barrier()  # every rank finished pruning (a failed rank fails this collective: nothing written)
+        if not distributed.is_main():  # one writer; the others wait for the folder to be complete
+            distributed.barrier()
+            return Path(save_directory).absolute()
 
         def write(tmp: Path) -> None:
             if self._peft_model is not None:  # unmerged healing adapter: the base and, beside it, the adapter
@@ -357,6 +366,7 @@ class HFPruner:
 
         out = atomic_write_folder(save_directory, write, overwrite)
         logger.info("Saved the pruned model to %s", out)
+        distributed.barrier()
         return out
 
     def push_to_hub(

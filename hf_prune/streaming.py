@@ -183,6 +183,13 @@ def prune_streaming(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from . import distributed
+
+    if distributed.init_from_env():
+        raise RecipeError(
+            "Streaming writes the output shards as it goes and runs in one process; launch it without torchrun "
+            "(data-parallel calibration works with the in-memory path and device_map)."
+        )
     start = time.perf_counter()
     recipe = Recipe.load(recipe)
     bad = [s.method for s in recipe.steps if s.method not in STREAMABLE]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapters import ModelAdapter
 from ..utils import available_memory_bytes, logger
 from .offload import onloaded
@@ -218,8 +220,10 @@ class BlockwiseEngine:
             self.capture()
         inputs = self._inputs
         self._inputs = None  # the engine hands its only copy of the activations to the walk
-        bar = tqdm(range(self.adapter.num_blocks), desc=desc, leave=False)
+        bar = tqdm(range(self.adapter.num_blocks), desc=desc, leave=False, disable=not distributed.is_main())
+        self.block_seconds: list[float] = []
         for i in bar:
+            started = time.perf_counter()
             step = BlockStep(self, i, self.adapter.blocks[i], inputs, self._calls[i])
             with self.block_context(step.block):  # offloaded / streamed weights stay materialized meanwhile
                 yield step
@@ -230,6 +234,7 @@ class BlockwiseEngine:
             inputs = self._store(list(outputs), i)
             if isinstance(previous, DiskChunks):
                 previous.remove()
+            self.block_seconds.append(time.perf_counter() - started)
         if isinstance(inputs, DiskChunks):
             final = [inputs[j] for j in range(len(inputs))]
             inputs.remove()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
+
 
 class InputNormStats:
     """Sum over tokens of x_j^2 per input channel: Wanda's ||X_j||_2^2."""
@@ -19,6 +21,13 @@ class InputNormStats:
         x = x.reshape(-1, x.shape[-1]).to(device=self.sq_sum.device, dtype=torch.float32)
         self.sq_sum += (x * x).sum(dim=0)
         self.tokens += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum over the ranks of a data-parallel run (once; a no-op in a single process)."""
+        if distributed.active() and not getattr(self, "_reduced", False):
+            distributed.all_reduce_sum(self.sq_sum)
+            self.tokens = int(distributed.all_reduce_numbers(self.tokens)[0])
+            self._reduced = True
 
     @property
     def norms(self) -> torch.Tensor:
@@ -40,6 +49,15 @@ class HessianStats:
         x = x * (2.0 / total) ** 0.5
         self.H.addmm_(x.t(), x)
         self.tokens = total
+
+    def all_reduce(self) -> None:
+        """Combine the ranks' running averages into the average over all their tokens (once)."""
+        if distributed.active() and not getattr(self, "_reduced", False):
+            self.H *= self.tokens / 2.0  # back to the sum of x x^T
+            distributed.all_reduce_sum(self.H)
+            self.tokens = int(distributed.all_reduce_numbers(self.tokens)[0])
+            self.H *= 2.0 / max(self.tokens, 1)
+            self._reduced = True
 
     @property
     def diag_sq_sum(self) -> torch.Tensor:
@@ -64,6 +82,12 @@ class CosineStats:
         self.total += float(cos.double().sum())
         self.count += cos.numel()
 
+    def all_reduce(self) -> None:
+        if distributed.active() and not getattr(self, "_reduced", False):
+            self.total, self.count = distributed.all_reduce_numbers(self.total, self.count)
+            self._reduced = True
+
     @property
     def mean(self) -> float:
+        self.all_reduce()
         return self.total / max(self.count, 1)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..adapters import ModelAdapter
 from ..calibration.config import DEFAULT_SEQLEN, CalibrationConfig
 from ..calibration.data import calibration_batch
@@ -65,13 +66,25 @@ class PruneContext:
         return self._windows
 
     def engine(self) -> BlockwiseEngine:
+        """The block-by-block engine over the calibration data (this rank's share of it in a data-parallel run)."""
         options = self.calibration.engine_options()
         options["block_context"] = self.block_context
         if self.uses_images():
-            return BlockwiseEngine(self.model, self.adapter, self.image_batches(), **options)
+            batches = self.image_batches()
+            return BlockwiseEngine(self.model, self.adapter, batches[distributed.shard(len(batches))], **options)
         return BlockwiseEngine.from_input_ids(
-            self.model, self.adapter, self.calibration_ids(), batch_size=self.calibration.batch_size or None, **options
+            self.model, self.adapter, self.rank_ids(), batch_size=self.calibration.batch_size or None, **options
         )
+
+    def rank_ids(self) -> torch.Tensor:
+        """This rank's share of the calibration windows (all of them in a single process)."""
+        ids = self.calibration_ids()
+        if distributed.world_size() > ids.shape[0]:
+            raise RecipeError(
+                f"calibration.nsamples={ids.shape[0]} is smaller than the {distributed.world_size()} processes: every "
+                "rank needs at least one window. Raise nsamples or launch fewer processes."
+            )
+        return ids[distributed.shard(ids.shape[0])]
 
     def image_batches(self) -> list[dict]:
         """Image + text calibration samples for a VLM, one per chunk (through the processor)."""

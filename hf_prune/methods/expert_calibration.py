@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..adapters import MoESpec, WeightRef
 from ..adapters.experts import expert_count, is_fused
 from ..calibration.engine import BlockStep, hooks
@@ -64,6 +65,7 @@ class ExpertStatistics:
         """One forward of the dense block over every chunk; then experts under ``min_tokens`` are recollected on
         all tokens (one more forward, only if any). Returns the block's outputs if ``keep_outputs``."""
         outputs = self._forward(None, set(self.by_expert), count=True, keep_outputs=keep_outputs)
+        self.tokens = [int(t) for t in distributed.all_reduce_numbers(*self.tokens)]
         if self.mode == ROUTED:
             self.fallback = [e for e in self.by_expert if self.tokens[e] < max(self.min_tokens, 1)]
             if self.fallback:
@@ -85,12 +87,16 @@ class ExpertStatistics:
         def hook(module, args, kwargs):
             hidden = self._parent.hidden if self._parent is not None else None
             call = split_expert_call(self.spec.layout, self.num_experts, args, kwargs, hidden)
-            for e in sorted(experts):
-                routed = call.routed(e)[0]
+            order = sorted(experts)
+            routed = {e: call.routed(e)[0] for e in order}
+            counts = [routed[e].shape[0] for e in order]
+            if prune is not None:  # decisions on the tokens of every rank, so all ranks prune alike
+                counts = [int(n) for n in distributed.all_reduce_numbers(*counts)]
+            for e, n in zip(order, counts):
                 if count:
-                    self.tokens[e] += routed.shape[0]
-                x = call.hidden if mode == ALL else routed
-                if prune is not None and mode == ROUTED and routed.shape[0] < max(self.min_tokens, 1):
+                    self.tokens[e] += n if prune is not None else routed[e].shape[0]
+                x = call.hidden if mode == ALL else routed[e]
+                if prune is not None and mode == ROUTED and n < max(self.min_tokens, 1):
                     x = call.hidden
                     self.fallback.append(e)
                 self._update(e, x, prune)

@@ -71,6 +71,8 @@ def measure_outlier_ratios(
                 stats.update(collector.stats)
             else:
                 step.info["outputs"] = step.forward()
+        for s in stats.values():
+            s.all_reduce()
         scores = [wanda_scores(r.weight().float(), stats[r.name].norms) for r in refs]
         ratios[step.index] = outlier_ratio(scores, m)
     return ratios

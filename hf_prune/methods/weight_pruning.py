@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed
 from ..adapters import ROUTER_ROLE, LinearRef, WeightRef
 from ..calibration.engine import BlockStep, hooks
 from ..calibration.experts import ALL, ROUTED
@@ -254,6 +255,12 @@ class WeightPruningMethod(PruningMethod):
             return coverage
         engine = ctx.engine()
         sequential = self.config.true_sequential and engine.num_chunks == 1
+        if sequential and distributed.active() and self._per_expert_linears(ctx):
+            sequential = False
+            logger.warning(
+                "Per-expert MLP modules are called only on the ranks that routed tokens to them, so a data-parallel "
+                "run collects their statistics first and prunes after (two passes per block)."
+            )
         if self.config.true_sequential and not sequential:
             logger.warning(
                 "true_sequential needs the whole calibration batch in one forward; it is split in %d chunks, "
@@ -276,9 +283,14 @@ class WeightPruningMethod(PruningMethod):
             if experts is not None:
                 moe_summary[step.index] = experts.summary()
             coverage.add_block(step.index)
+        report.details["block_seconds"] = [round(t, 3) for t in engine.block_seconds]
         if moe_summary:
             report.details["moe"] = self._moe_details(moe_summary)
         return coverage
+
+    @staticmethod
+    def _per_expert_linears(ctx: PruneContext) -> bool:
+        return any(isinstance(r, LinearRef) for i in ctx.adapter.moe_blocks() for r in ctx.adapter.experts(i))
 
     def _expert_statistics(self, ctx: PruneContext, step: BlockStep, refs: list[WeightRef]):
         expert_refs = split_refs(refs)[1]
@@ -385,6 +397,8 @@ class WeightPruningMethod(PruningMethod):
     @torch.no_grad()
     def _prune_ref(self, ref: WeightRef, stats, sparsity: float) -> ModuleReport:
         structure = self.config.parsed_structure
+        if stats is not None:
+            stats.all_reduce()  # a data-parallel run: the statistics of every rank's windows (once per object)
         weight = ref.weight()
         new_weight, mask = self.prune_weight(weight.float().contiguous(), stats, sparsity, structure, ref.name)
         if new_weight is not None:

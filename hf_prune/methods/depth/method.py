@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ... import distributed
 from ...adapters import ModelAdapter
 from ...calibration.engine import model_device
 from ...calibration.stats import CosineStats
@@ -180,6 +181,7 @@ class DepthMethod(PruningMethod):
                 logits = ctx.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
                 nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
                 count += ids.shape[1] - 1
+            nll, count = distributed.all_reduce_numbers(nll, count)
         finally:
             for i, original in saved.items():
                 if original is None:
@@ -192,6 +194,7 @@ class DepthMethod(PruningMethod):
         windows = ctx.calibration_ids()
         if self.config.ppl_nsamples:
             windows = windows[: self.config.ppl_nsamples]
+        windows = windows[distributed.shard(windows.shape[0])]
         removed: list[int] = []
         first_scores: dict[int, float] = {}
         rounds = n if self.config.iterative else 1

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ... import distributed
 from ...adapters import ModelAdapter
 from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import hooks
@@ -216,4 +217,6 @@ class ExpertsMethod(PruningMethod):
             handles.append(parent.hook())
         with hooks(handles):
             step.forward(keep_outputs=False)
+        distributed.all_reduce_sum(scores.tokens)  # a data-parallel run: every rank's tokens
+        distributed.all_reduce_sum(scores.contribution)
         return scores

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import distributed
 from ...adapters import LinearRef, ModelAdapter, get_submodule, weight_out_in
 from ...calibration.engine import BlockwiseEngine, hooks
 from ...errors import RecipeError, UnsupportedModelError
@@ -167,8 +168,9 @@ class SliceGPTMethod(PruningMethod):
     # ------------------------------------------------------------------ 2. bases
     @staticmethod
     def _cov(chunks: list[torch.Tensor]) -> torch.Tensor:
+        """X^T X over the chunks (and over the ranks of a data-parallel run)."""
         x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()
-        return x.t() @ x
+        return distributed.all_reduce_sum(x.t() @ x)
 
     @torch.no_grad()
     def shared_basis(self, engine: BlockwiseEngine) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""Data-parallel calibration under torchrun (2 CPU processes, gloo): the same pruned model as one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_prune import HFPruner
+from hf_prune.adapters import ModelAdapter
+
+from .conftest import make_tiny_model
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+IDS = torch.randint(0, 3000, (1, 24), generator=torch.Generator().manual_seed(7))
+
+
+def torchrun(model_dir, recipe, out, env=None, nproc=2):
+    recipe_file = out.parent / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_PRUNE_DIST_TIMEOUT": "120", **(env or {})}
+    return subprocess.run([*cmd, str(model_dir), str(recipe_file), str(out)], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def calib_file(tmp_path, calib_texts):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in calib_texts) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def saved(tmp_path, tokenizer):
+    def build(family):
+        path = tmp_path / f"src-{family}"
+        make_tiny_model(family).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    return build
+
+
+def _weights(model):
+    return {r.name: r.weight().detach().clone() for r in ModelAdapter(model).all_weight_targets()}
+
+
+@pytest.mark.parametrize(
+    "family, steps",
+    [
+        ("llama", [{"method": "wanda", "sparsity": 0.5}]),
+        ("llama", [{"method": "sparsegpt", "structure": "2:4"}]),
+        ("qwen3_moe", [{"method": "sparsegpt", "sparsity": 0.5}]),
+        (
+            "qwen3_moe",
+            [{"method": "experts", "criterion": "reap", "num_experts": 2}, {"method": "wanda", "sparsity": 0.5}],
+        ),
+        (
+            "llama",
+            [
+                {"method": "depth", "criterion": "angular", "num_blocks": 1},
+                {"method": "wanda", "sparsity": 0.5, "sparsity_profile": "owl"},
+            ],
+        ),
+    ],
+)
+def test_two_processes_prune_like_one(family, steps, saved, tmp_path, calib_file):
+    src = saved(family)
+    recipe = {"calibration": {"source": calib_file, "nsamples": 8, "seqlen": 64, "seed": 0}, "steps": steps}
+    single = HFPruner.from_pretrained(str(src), recipe=recipe)
+    single.prune()
+    result = torchrun(src, recipe, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert model.config.pruning_config["world_size"] == 2
+    assert model.config.num_hidden_layers == single.model.config.num_hidden_layers
+    ours, theirs = _weights(model), _weights(single.model)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        agree = float(((ours[name] == 0) == (theirs[name] == 0)).float().mean())
+        assert agree >= 0.999, (name, agree)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=IDS).logits, single.model(input_ids=IDS).logits, rtol=1e-3, atol=1e-3
+        )
+
+
+def test_a_failing_rank_stops_every_rank_and_nothing_is_written(saved, tmp_path, calib_file):
+    src = saved("llama")
+    recipe = {
+        "calibration": {"source": calib_file, "nsamples": 8, "seqlen": 64},
+        "steps": [{"method": "wanda", "sparsity": 0.5}],
+    }
+    result = torchrun(src, recipe, tmp_path / "out", env={"HF_PRUNE_TEST_FAIL_RANK": "1"})
+    assert result.returncode != 0 and "this rank fails on purpose" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
