@@ -105,16 +105,38 @@ def all_reduce_numbers(*values: float) -> list[float]:
 
 
 def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place."""
+    """Overwrite ``tensor`` (a view is fine) on every rank with rank ``src``'s values, in place."""
     if not active():
         return tensor
     device = _device_for_collectives(tensor)
-    moved = tensor if tensor.device == device else tensor.to(device)
+    direct = tensor.device == device and tensor.is_contiguous()
+    moved = tensor if direct else tensor.to(device).contiguous()
     with _timed():
         dist.broadcast(moved, src)
-    if moved is not tensor:
+    if not direct:
         tensor.copy_(moved.to(tensor.device))
     return tensor
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    with _timed():
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def balanced_assignment(costs: list[float], ranks: int) -> list[int]:
+    """The rank that does each job: largest first, each to the least loaded rank (deterministic)."""
+    load = [0.0] * ranks
+    owner = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[j] = r
+        load[r] += costs[j]
+    return owner
 
 
 def barrier() -> None:

@@ -168,9 +168,7 @@ def test_bad_model_sources_are_one_error_line(model, message, tmp_path, monkeypa
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "weights.safetensors").write_bytes(b"")
-    model = model.format(
-        missing=tmp_path / "nothing", empty=tmp_path / "empty", file=tmp_path / "weights.safetensors"
-    )
+    model = model.format(missing=tmp_path / "nothing", empty=tmp_path / "empty", file=tmp_path / "weights.safetensors")
     _no_load(monkeypatch)
     for argv in (
         ["prune", "--model", model, "--method", "wanda", "--sparsity", "0.5"],

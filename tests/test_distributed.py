@@ -53,6 +53,9 @@ def _weights(model):
     [
         ("llama", [{"method": "wanda", "sparsity": 0.5}]),
         ("llama", [{"method": "sparsegpt", "structure": "2:4"}]),
+        # parallel order: the block's solves are spread over the ranks and broadcast (gpt-oss: strided expert views)
+        ("llama", [{"method": "sparsegpt", "sparsity": 0.5, "true_sequential": False}]),
+        ("gpt_oss", [{"method": "sparsegpt", "structure": "2:4", "true_sequential": False}]),
         ("qwen3_moe", [{"method": "sparsegpt", "sparsity": 0.5}]),
         (
             "qwen3_moe",
@@ -76,6 +79,9 @@ def test_two_processes_prune_like_one(family, steps, saved, tmp_path, calib_file
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert model.config.pruning_config["world_size"] == 2
+    details = json.loads((tmp_path / "out" / "pruning_report.json").read_text())["steps"][-1]["details"]
+    if steps[-1].get("true_sequential") is False:  # weight-parallel solving: both ranks solved part of every block
+        assert len(details["solves_per_rank"]) == 2 and min(details["solves_per_rank"]) > 0
     assert model.config.num_hidden_layers == single.model.config.num_hidden_layers
     ours, theirs = _weights(model), _weights(single.model)
     assert set(ours) == set(theirs)
@@ -98,3 +104,12 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_written(saved, tmp_path,
     assert result.returncode != 0 and "this rank fails on purpose" in result.stderr
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_balanced_assignment():
+    from hf_prune.distributed import balanced_assignment
+
+    owners = balanced_assignment([8.0, 1.0, 1.0, 4.0, 4.0, 1.0, 1.0], 2)
+    loads = [sum(c for c, o in zip([8.0, 1.0, 1.0, 4.0, 4.0, 1.0, 1.0], owners) if o == r) for r in range(2)]
+    assert loads == [10.0, 10.0]
+    assert balanced_assignment([1.0] * 5, 3) == balanced_assignment([1.0] * 5, 3)  # deterministic

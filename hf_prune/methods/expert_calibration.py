@@ -65,6 +65,11 @@ class ExpertStatistics:
         """One forward of the dense block over every chunk; then experts under ``min_tokens`` are recollected on
         all tokens (one more forward, only if any). Returns the block's outputs if ``keep_outputs``."""
         outputs = self._forward(None, set(self.by_expert), count=True, keep_outputs=keep_outputs)
+        if distributed.active():  # an expert no token of this rank reached: empty statistics, as the other ranks have
+            hidden = self.step.inputs[0]
+            for e, refs in self.by_expert.items():
+                if not any(r.name in self.stats for r in refs):
+                    self._update(e, hidden.new_zeros(0, hidden.shape[-1]), None)
         self.tokens = [int(t) for t in distributed.all_reduce_numbers(*self.tokens)]
         if self.mode == ROUTED:
             self.fallback = [e for e in self.by_expert if self.tokens[e] < max(self.min_tokens, 1)]

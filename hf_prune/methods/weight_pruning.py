@@ -368,13 +368,38 @@ class WeightPruningMethod(PruningMethod):
         stats = {name: shared.stats for name, shared in assigned.items()}
         if experts is not None:
             stats.update(experts.stats)
-        done = set()
-        for ref in refs:
-            if ref.name not in stats:
-                continue
-            report.modules.append(self._prune_ref(ref, stats.pop(ref.name), sparsity))
-            done.add(ref.name)
-        self._prune_missed(refs, done, report)
+        ready = [ref for ref in refs if ref.name in stats]
+        if distributed.active():
+            self._prune_across_ranks(ready, stats, sparsity, report)
+        else:
+            for ref in ready:
+                report.modules.append(self._prune_ref(ref, stats.pop(ref.name), sparsity))
+        self._prune_missed(refs, {ref.name for ref in ready}, report)
+
+    def solve_cost(self, ref: WeightRef) -> float:
+        """Relative cost of pruning one target (weight-parallel solving balances it over the ranks)."""
+        return float(ref.weight().numel())
+
+    def _prune_across_ranks(self, refs: list[WeightRef], stats: dict, sparsity: float, report: StepReport) -> None:
+        """Weight-parallel solving: the block's targets are spread over the ranks by cost, each rank prunes its
+        share, and every pruned weight is broadcast from the rank that pruned it."""
+        for ref in refs:  # the same order on every rank; objects shared by several targets reduce once
+            if stats[ref.name] is not None:
+                stats[ref.name].all_reduce()
+        owners = distributed.balanced_assignment([self.solve_cost(r) for r in refs], distributed.world_size())
+        mine = {
+            r.name: self._prune_ref(r, stats[r.name], sparsity)
+            for r, o in zip(refs, owners)
+            if o == distributed.rank()
+        }
+        for ref, owner in zip(refs, owners):
+            distributed.broadcast_(ref.weight(), owner)
+        parts = distributed.all_gather_objects(mine)
+        merged = {k: v for part in parts for k, v in part.items()}
+        report.modules += [merged[r.name] for r in refs]
+        solves = report.details.setdefault("solves_per_rank", [0] * len(parts))
+        for r, part in enumerate(parts):
+            solves[r] += len(part)
 
     def _shared_for(self, x: torch.Tensor, ref: WeightRef, by_input: dict[int, _SharedStats]) -> _SharedStats:
         for key in [k for k, v in by_input.items() if v._last is not None and v._last() is None]:

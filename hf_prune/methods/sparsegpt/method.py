@@ -59,6 +59,10 @@ class SparseGPTMethod(WeightPruningMethod):
         self.dampening: dict[str, float] = {}
         self.dead_inputs: dict[str, int] = {}
 
+    def solve_cost(self, ref: WeightRef) -> float:
+        n = ref.in_features
+        return float(n) ** 3 + float(n) ** 2 * ref.weight().shape[0]  # Cholesky + the column sweep
+
     def make_stats(self, ref: WeightRef) -> HessianStats:
         return HessianStats(ref.in_features, ref.device)
 
