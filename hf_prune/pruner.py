@@ -267,6 +267,11 @@ class HFPruner:
         """
         from .heal import HealConfig, heal_model
 
+        if distributed.active():
+            raise RecipeError(
+                "Healing under torchrun would train a different adapter on every rank. Save the pruned model, then "
+                "heal it in one process (hf-prune run with a heal: section, or HFPruner.heal)."
+            )
         base = self.recipe.heal.to_dict() if self.recipe.heal is not None else {}
         cfg = HealConfig.from_dict({**base, **overrides}, "heal")
         teacher_model = None
@@ -395,6 +400,8 @@ class HFPruner:
 
         with tempfile.TemporaryDirectory(prefix="hf_prune_push_") as tmp:
             folder = self.save_pretrained(Path(tmp) / "model")
+            if not distributed.is_main():  # rank 0 wrote the folder and pushes it
+                return ""
             return push_folder(
                 folder,
                 repo_id,
