@@ -172,6 +172,11 @@ class HFPruner:
         recipe = self.recipe
         if not recipe.steps:
             raise RecipeError("The recipe has no steps. Add e.g. steps: [{method: wanda, sparsity: 0.5}].")
+        if recipe.heal is not None and distributed.active():
+            raise RecipeError(
+                "This recipe heals after pruning, which torchrun cannot do (each rank would train its own adapter). "
+                "Drop heal: here and heal the saved model in one process."
+            )
         if recipe.output.dir:  # before calibrating: the save at the end must not fail on its folder
             check_output_dir(recipe.output.dir, recipe.output.overwrite, [self._source])
         start = time.perf_counter()
