@@ -24,6 +24,9 @@ RESULTS = os.path.join(HERE, "results")
 MOE = "packaged:smollm2-135m-moe"
 DENSE = "packaged:smollm2-135m"
 WEIGHT = ["wanda-50", "wanda-2of4", "sparsegpt-50", "sparsegpt-2of4"]
+# moe_calibration: all gives every expert a Hessian of every token: SparseGPT pays E times the Hessian work, so the
+# all-token rows are measured for Wanda at 50% / 2:4 and SparseGPT at 50% only.
+ALL_TOKENS = ["wanda-50", "wanda-2of4", "sparsegpt-50"]
 EXPERTS = [f"experts-{c}-{p}" for p in (25, 50) for c in ("reap", "frequency", "random")]
 TIMED = ["wanda-50", "sparsegpt-50"]
 
@@ -48,7 +51,7 @@ def main() -> None:
     dense_path = os.path.join(RESULTS, "weight_smollm2.json")
     timing = {m: os.path.join(RESULTS, f"moe_timing_{n}.json") for m, n in ((MOE, "moe"), (DENSE, "dense"))}
     if not args.print_only:
-        all_configs = [c for w in WEIGHT for c in (w, f"{w}-moe-all")]
+        all_configs = [*WEIGHT, *(f"{w}-moe-all" for w in ALL_TOKENS)]
         bench(MOE, ["dense", *all_configs, *EXPERTS], moe_path)
         bench(DENSE, ["dense", *WEIGHT], dense_path)
         for model, path in timing.items():
@@ -73,7 +76,8 @@ def main() -> None:
         print(f"| {name} | {d['ppl']:.2f} | {r['ppl']:.2f} | {all_ppl} | {rel:.2f}x (relative rise) |")
     print("\n| expert removal | experts left | parameters | perplexity |")
     print("|---|---|---|---|")
-    print(f"| none | 16 | {moe['dense'].get('params_after', 0) or '-'} | {m0:.2f} |")
+    before = next((r["params_before"] for r in moe.values() if "params_before" in r), None)
+    print(f"| none | 16 | {f'{before:,}' if before else '-'} | {m0:.2f} |")
     for name in EXPERTS:
         r = moe.get(name)
         if r:
