@@ -155,7 +155,6 @@ class HFPruner:
         model_id = model_id_or_path or recipe.model
         if not model_id:
             raise RecipeError("No model given: pass model_id_or_path or set 'model:' in the recipe.")
-        check_model_source(model_id)
         if recipe.output.dir:  # refuse an output folder it could not write before loading anything
             check_output_dir(recipe.output.dir, recipe.output.overwrite, [str(model_id)])
         if distributed.init_from_env() and torch.cuda.is_available() and "device_map" not in model_kwargs:

@@ -194,7 +194,7 @@ class ModelAdapter:
         else:
             extra = [(n, m) for n, m in block.named_modules() if n and is_linear(m)]
         moe = self.moe_spec(index)
-        routers = {moe.router, *moe.other_routers} if moe is not None else set()
+        routers = self.router_paths(index)
         if moe is not None:  # per-expert linears are experts(index), not plain linears
             extra = [(n, m) for n, m in extra if not n.startswith(moe.experts + ".")]
         for local, module in extra:
@@ -228,12 +228,13 @@ class ModelAdapter:
         spec = self.moe_spec(index)
         return get_submodule(self._block_list[index], spec.router) if spec is not None and spec.router else None
 
+    def router_paths(self, index: int) -> set[str]:
+        """Block-relative paths of the modules that route tokens to experts (never default pruning targets)."""
+        spec = self.moe_spec(index)
+        return {p for p in (spec.router, *spec.other_routers) if p} if spec is not None else set()
+
     def moe_blocks(self) -> list[int]:
         return [i for i in range(self.num_blocks) if self.moe_spec(i) is not None]
-
-    @property
-    def is_moe(self) -> bool:
-        return bool(self.moe_blocks())
 
     def experts(self, index: int) -> list[ExpertRef]:
         """Every routed expert's gate, up and down matrix in block ``index`` (empty for a dense block)."""

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .table import ExpertLayout, MoESpec
-
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+from .table import EXPERT_COUNT_KEYS, ExpertLayout, MoESpec
 
 
 @dataclass
@@ -145,7 +143,7 @@ def discover_moe(block: nn.Module, config) -> MoESpec | None:
         )
         parent, _, _ = path.rpartition(".")
         router = _find_router(block, parent, names["down_proj"].shape[0])
-        key = next((k for k in _EXPERT_COUNT_KEYS if isinstance(getattr(config, k, None), int)), _EXPERT_COUNT_KEYS[0])
+        key = next((k for k in EXPERT_COUNT_KEYS if isinstance(getattr(config, k, None), int)), EXPERT_COUNT_KEYS[0])
         return MoESpec(path, router or "", layout, key)
     return None
 

@@ -21,6 +21,8 @@ ROUTER_ROLE = "router"
 LINEAR_ROLES = (
     ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down") + EXPERT_ROLES + SHARED_EXPERT_ROLES + (ROUTER_ROLE,)
 )
+# Where transformers configs and MoE modules keep the routed-expert count.
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 DEFAULT_EXCLUDED_ROLES = (ROUTER_ROLE,)  # pruned only when a step's ``targets`` names them
 NORM_ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 

@@ -11,12 +11,13 @@ Nothing here knows about any pruning method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..adapters import ExpertLayout, get_submodule
+from ..adapters import ExpertLayout, MoESpec, get_submodule
 
 ROUTED, ALL = "routed", "all"
 
@@ -41,9 +42,6 @@ class ExpertCall:
         tokens = hit.any(-1).nonzero().squeeze(-1)
         weights = (self._weights * hit).sum(-1)[tokens]
         return self.hidden[tokens], weights
-
-    def inputs(self, e: int, mode: str) -> torch.Tensor:
-        return self.hidden if mode == ALL else self.routed(e)[0]
 
 
 def split_expert_call(
@@ -117,3 +115,19 @@ class ParentInput:
             self.hidden = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
 
         return self.module.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def expert_call_hooks(
+    block: nn.Module, spec: MoESpec, on_call: Callable[[ExpertCall], None]
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that hand ``on_call`` every call of the block's (fused) experts module, split by expert; for Llama 4's
+    scaled rows, the unscaled hidden states come from the module holding the experts."""
+    experts = block.get_submodule(spec.experts)
+    num_experts = getattr(experts, spec.layout.down).shape[0]
+    parent = ParentInput(block, spec.experts) if spec.layout.call == "scaled_rows" else None
+
+    def hook(module, args, kwargs):
+        on_call(split_expert_call(spec.layout, num_experts, args, kwargs, parent.hidden if parent else None))
+
+    handles = [experts.register_forward_pre_hook(hook, with_kwargs=True)]
+    return handles + ([parent.hook()] if parent is not None else [])

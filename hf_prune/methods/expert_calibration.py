@@ -22,7 +22,15 @@ from .. import distributed
 from ..adapters import MoESpec, WeightRef
 from ..adapters.experts import expert_count, is_fused
 from ..calibration.engine import BlockStep, hooks
-from ..calibration.experts import ALL, ROUTED, ParentInput, expert_hidden, mlp_hidden, split_expert_call
+from ..calibration.experts import (
+    ALL,
+    ROUTED,
+    ExpertCall,
+    ParentInput,
+    expert_call_hooks,
+    expert_hidden,
+    mlp_hidden,
+)
 
 
 class ExpertStatistics:
@@ -57,8 +65,8 @@ class ExpertStatistics:
         self.tokens = [0] * self.num_experts
         self.fallback: list[int] = []
         self.stats: dict[str, Any] = {}
-        needs_parent = spec.layout.call == "scaled_rows" or not self.fused
-        self._parent = ParentInput(step.block, spec.experts) if needs_parent else None
+        # per-expert MLPs see only their routed tokens: every token comes from the module holding them
+        self._parent = None if self.fused else ParentInput(step.block, spec.experts)
 
     # ------------------------------------------------------------------ passes
     def accumulate(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
@@ -89,9 +97,7 @@ class ExpertStatistics:
         if not self.fused:
             return self._forward_per_expert(prune, experts, count, mode, keep_outputs)
 
-        def hook(module, args, kwargs):
-            hidden = self._parent.hidden if self._parent is not None else None
-            call = split_expert_call(self.spec.layout, self.num_experts, args, kwargs, hidden)
+        def on_call(call: ExpertCall) -> None:
             order = sorted(experts)
             routed = {e: call.routed(e)[0] for e in order}
             counts = [routed[e].shape[0] for e in order]
@@ -99,17 +105,14 @@ class ExpertStatistics:
                 counts = [int(n) for n in distributed.all_reduce_numbers(*counts)]
             for e, n in zip(order, counts):
                 if count:
-                    self.tokens[e] += n if prune is not None else routed[e].shape[0]
+                    self.tokens[e] += n  # this rank's tokens; every rank's when pruning here
                 x = call.hidden if mode == ALL else routed[e]
                 if prune is not None and mode == ROUTED and n < max(self.min_tokens, 1):
                     x = call.hidden
                     self.fallback.append(e)
                 self._update(e, x, prune)
 
-        handles = [self.experts.register_forward_pre_hook(hook, with_kwargs=True)]
-        if self._parent is not None:
-            handles.append(self._parent.hook())
-        with hooks(handles):
+        with hooks(expert_call_hooks(self.step.block, self.spec, on_call)):
             return self.step.forward(keep_outputs=keep_outputs)
 
     def _forward_per_expert(self, prune, experts: set[int], count: bool, mode: str, keep_outputs: bool):

@@ -40,10 +40,8 @@ def select_targets(
 def _router_role(adapter: ModelAdapter, name: str) -> str | None:
     prefix = adapter.blocks_path + "."
     index, _, local = name[len(prefix) :].partition(".")
-    spec = adapter.moe_spec(int(index)) if index.isdigit() else None
-    if spec is not None and any(local.startswith(r + ".") for r in (spec.router, *spec.other_routers) if r):
-        return ROUTER_ROLE
-    return None
+    routers = adapter.router_paths(int(index)) if index.isdigit() else set()
+    return ROUTER_ROLE if any(local.startswith(r + ".") for r in routers) else None
 
 
 def _include_with(role: str | None) -> str:

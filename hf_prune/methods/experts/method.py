@@ -12,7 +12,7 @@ from ... import distributed
 from ...adapters import ModelAdapter
 from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import hooks
-from ...calibration.experts import ParentInput, expert_output, split_expert_call
+from ...calibration.experts import ExpertCall, expert_call_hooks, expert_output
 from ...calibration.offload import offload_hooks
 from ...errors import RecipeError
 from ...report import StepReport
@@ -20,7 +20,7 @@ from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
 from ..depth.surgery import text_config
 from .scores import ExpertScores, lowest, random_scores
-from .surgery import remove_experts, set_expert_count
+from .surgery import remove_experts
 
 CRITERIA = ("reap", "frequency", "random")
 
@@ -174,7 +174,7 @@ class ExpertsMethod(PruningMethod):
                 remove_experts(adapter, step.index, removed[step.index], top_k)  # the engine re-runs the pruned block
         spec = adapter.moe_spec(min(moe_blocks))
         config = text_config(ctx.model)
-        set_expert_count(config, spec.num_experts_key, total - k)
+        setattr(config, spec.num_experts_key, total - k)
         changes = {spec.num_experts_key: [total, total - k]}
         if top_k is not None:
             setattr(config, spec.top_k_key, top_k[1])
@@ -201,21 +201,15 @@ class ExpertsMethod(PruningMethod):
         """One forward of the block: each expert's routed tokens and what it adds to the output."""
         spec = adapter.moe_spec(step.index)
         experts = step.block.get_submodule(spec.experts)
-        total = getattr(experts, spec.layout.down).shape[0]
-        scores = ExpertScores(total)
-        parent = ParentInput(step.block, spec.experts) if spec.layout.call == "scaled_rows" else None
+        scores = ExpertScores(expert_count(experts, spec.layout))
 
-        def hook(module, args, kwargs):
-            call = split_expert_call(spec.layout, total, args, kwargs, parent.hidden if parent else None)
-            for e in range(total):
+        def on_call(call: ExpertCall) -> None:
+            for e in range(call.num_experts):
                 x, weight = call.routed(e)
                 y = expert_output(experts, spec.layout, e, x).float()
                 scores.update(e, y * weight.float()[:, None] if weight is not None else y)
 
-        handles = [experts.register_forward_pre_hook(hook, with_kwargs=True)]
-        if parent is not None:
-            handles.append(parent.hook())
-        with hooks(handles):
+        with hooks(expert_call_hooks(step.block, spec, on_call)):
             step.forward(keep_outputs=False)
         distributed.all_reduce_sum(scores.tokens)  # a data-parallel run: every rank's tokens
         distributed.all_reduce_sum(scores.contribution)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from ...adapters import ModelAdapter
-
-_COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts")
+from ...adapters.experts import expert_count
+from ...adapters.table import EXPERT_COUNT_KEYS
 
 
 def _slice_dim0(module: nn.Module, keep: list[int], old: int) -> list[str]:
@@ -27,9 +27,8 @@ def _slice_dim0(module: nn.Module, keep: list[int], old: int) -> list[str]:
 def remove_experts(adapter: ModelAdapter, index: int, remove: list[int], top_k: tuple[int, int] | None = None) -> int:
     """Delete experts ``remove`` of block ``index``; return how many remain. ``top_k`` (old, new): the block's
     modules route each token to ``new`` experts (fewer remain than the router picked)."""
-    spec = adapter.moe_spec(index)
     experts = adapter.experts_module(index)
-    old = getattr(experts, spec.layout.down).shape[0]
+    old = expert_count(experts, adapter.moe_spec(index).layout)
     keep = [e for e in range(old) if e not in set(remove)]
     _slice_dim0(experts, keep, old)
     router = adapter.router_module(index)
@@ -39,14 +38,9 @@ def remove_experts(adapter: ModelAdapter, index: int, remove: list[int], top_k: 
             router.out_features = len(keep)
     block = adapter.blocks[index]
     for module in block.modules():
-        for attr in _COUNT_ATTRIBUTES:
+        for attr in EXPERT_COUNT_KEYS:
             if getattr(module, attr, None) == old:
                 setattr(module, attr, len(keep))
         if top_k is not None and getattr(module, "top_k", None) == top_k[0]:
             module.top_k = top_k[1]
     return len(keep)
-
-
-def set_expert_count(config, key: str, count: int) -> None:
-    """Write the new routed-expert count into the (text) config."""
-    setattr(config, key, count)
