@@ -52,6 +52,8 @@ def _step_from_args(args: argparse.Namespace) -> dict[str, Any]:
         step["targets"] = args.targets
     if args.ignore:
         step["ignore"] = args.ignore
+    if args.reconstruct:
+        step["reconstruct"] = True
     for kv in args.set or []:
         key, _, value = kv.partition("=")
         if not _:
@@ -249,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", help="unstructured (default) or N:M such as 2:4")
     p.add_argument("--targets", nargs="+", help="roles (q k v o gate up down ...) or regexes to prune")
     p.add_argument("--ignore", nargs="+", help="roles or regexes to leave dense")
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="refit each block's surviving weights to the dense block's outputs (masks fixed); settings with "
+        "--set 'reconstruct={epochs: 4}'",
+    )
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="other step keys, e.g. --set true_sequential=false")
     p.add_argument("--calib", default="fortunes", help="calibration text: built-in name, file/folder, or dataset id")
     p.add_argument("--nsamples", type=int, default=128)

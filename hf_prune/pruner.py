@@ -127,6 +127,7 @@ class HFPruner:
         self.recipe = Recipe.load(recipe)
         self.adapter = ModelAdapter(model)
         self.report: PruningReport | None = None
+        self._failed: str | None = None  # why the last prune() stopped half-way: saving is refused
         self._source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         self._applied: list[PruningMethod] = []
         self._peft_model = None  # a healing adapter kept unmerged
@@ -197,7 +198,11 @@ class HFPruner:
 
         for method in methods:
             logger.info("Step %d/%d: %s", len(report.steps) + 1, len(methods), method.config.method)
-            step_report = method.run(ctx)
+            try:
+                step_report = method.run(ctx)
+            except Exception as exc:
+                self._failed = f"step {len(report.steps) + 1} ({method.config.method}) failed: {exc}"
+                raise
             report.steps.append(step_report)
             self._applied.append(method)
             self.model = ctx.model  # a step may rebuild the model (slicing) or change its structure (depth)
@@ -349,6 +354,11 @@ class HFPruner:
             overwrite: replace a non-empty folder (never the folder the model was loaded from).
             **kwargs: passed to ``model.save_pretrained`` (e.g. ``max_shard_size``).
         """
+        if self._failed:
+            raise PruningCheckError(
+                f"Nothing saved: the last prune() stopped half-way ({self._failed}); the model in memory is partly "
+                "pruned. Load it again and prune with a corrected recipe."
+            )
         check_output_dir(save_directory, overwrite, [self._source])
         assert_finite_parameters(self.model)
         distributed.barrier()  # every rank finished pruning (a failed rank fails this collective: nothing written)

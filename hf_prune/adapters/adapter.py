@@ -63,6 +63,13 @@ class LinearRef:
         """The (out, in) weight, a view sharing storage with the parameter."""
         return weight_out_in(self.module)
 
+    def parameter(self) -> nn.Parameter:
+        return self.module.weight
+
+    def view_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The same (out, in) view into any tensor shaped like the parameter (a mask, a gradient)."""
+        return tensor.t() if is_transposed(self.module) else tensor
+
     @property
     def in_features(self) -> int:
         return in_features(self.module)

@@ -36,7 +36,15 @@ class ExpertRef:
 
     def weight(self) -> torch.Tensor:
         """The expert's (out, in) matrix as a view of the current parameter (materialized by offload hooks)."""
-        w = getattr(self.experts, self.param).data[self.expert]
+        return self.view_of(self.parameter().data)
+
+    def parameter(self) -> nn.Parameter:
+        """The fused 3-D parameter this expert's matrix lives in."""
+        return getattr(self.experts, self.param)
+
+    def view_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The same (out, in) view into any tensor shaped like the parameter (a mask, a gradient)."""
+        w = tensor[self.expert]
         if self.layout.transposed:
             w = w.t()
         if self.part == "all":

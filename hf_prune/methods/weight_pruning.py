@@ -12,6 +12,7 @@ import time
 import weakref
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from .base import PruningMethod, StepConfig
 from .context import PruneContext
 from .expert_calibration import ExpertStatistics
 from .masks import Structure, expected_pruned, nm_violations, parse_structure
+from .reconstruction import ReconstructConfig, parse_reconstruct, reconstruct_block
 from .targets import Coverage, select_targets
 
 MOE_CALIBRATION = (ROUTED, ALL)
@@ -56,6 +58,10 @@ class WeightPruningConfig(StepConfig):
             output is unchanged).
         moe_min_tokens: an expert routed fewer calibration tokens than this is calibrated on every token of its
             block instead (reported under ``moe.fallback_experts``).
+        reconstruct: after a block's targets are masked, refit their surviving weights (masks fixed) so that the
+            pruned block's output matches the dense block's output on the same calibration inputs; ``true`` or a
+            mapping of settings (``epochs``, ``lr``, ``batch_size``, ``seed``: see ``ReconstructConfig``). Kept per
+            block only where it lowered the block's calibration error; the report has both errors per block.
     """
 
     sparsity: float | None = None
@@ -69,8 +75,11 @@ class WeightPruningConfig(StepConfig):
     component: str = "language"
     moe_calibration: str = "routed"
     moe_min_tokens: int = 16
+    reconstruct: Any = False
 
     def validate(self) -> None:
+        settings = parse_reconstruct(self.reconstruct)
+        self.reconstruct = settings.to_dict() if settings is not None else False
         try:
             structure = parse_structure(self.structure)
         except ValueError as exc:
@@ -126,6 +135,10 @@ class WeightPruningConfig(StepConfig):
     def parsed_structure(self) -> Structure:
         return parse_structure(self.structure)
 
+    @property
+    def reconstruction(self) -> ReconstructConfig | None:
+        return parse_reconstruct(self.reconstruct)
+
 
 class _SharedStats:
     """Statistics shared by linears that read the same input tensor (q/k/v, gate/up): updated once per chunk."""
@@ -155,6 +168,11 @@ class WeightPruningMethod(PruningMethod):
 
     config: WeightPruningConfig
     comparison_group: str = "row"  # masks compared per output row ("row") or over the whole matrix ("layer")
+    uses_statistics: bool = True  # False: the masks need no calibration data (reconstruction still does)
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.uses_statistics or self.config.reconstruction is not None
 
     # ---- the method's math ------------------------------------------------------------------------------
     def make_stats(self, ref: WeightRef):
@@ -183,6 +201,11 @@ class WeightPruningMethod(PruningMethod):
 
     def _preflight_one(self, ctx: PruneContext) -> None:
         structure = self.config.parsed_structure
+        if self.config.reconstruction is not None and distributed.active():
+            raise RecipeError(
+                "reconstruct is not available under torchrun yet (each rank would refit on its own windows); "
+                "run the step in one process, or drop reconstruct."
+            )
         refs = select_targets(ctx.adapter, self.config.targets, self.config.ignore)
         if structure.is_nm:
             bad = [r for r in refs if r.in_features % structure.m]
@@ -268,6 +291,7 @@ class WeightPruningMethod(PruningMethod):
                 engine.num_chunks,
             )
         report.details["order"] = "true-sequential (one pass per block)" if sequential else "parallel (two passes)"
+        reconstruction = self.config.reconstruction
         moe_summary: dict[int, dict] = {}
         for step in engine.walk(desc=f"{self.config.method}"):
             block_refs = by_block.get(step.index)
@@ -276,10 +300,13 @@ class WeightPruningMethod(PruningMethod):
                 continue
             s = sparsities[step.index]
             experts = self._expert_statistics(ctx, step, block_refs)
+            dense_outputs = step.forward() if reconstruction is not None else None
             if sequential:
                 step.info["outputs"] = self._one_pass(step, block_refs, s, report, experts)
             else:
                 self._two_pass(step, block_refs, s, report, experts)
+            if reconstruction is not None:
+                self._reconstruct(step, block_refs, dense_outputs, reconstruction, report)
             if experts is not None:
                 moe_summary[step.index] = experts.summary()
             coverage.add_block(step.index)
@@ -287,6 +314,28 @@ class WeightPruningMethod(PruningMethod):
         if moe_summary:
             report.details["moe"] = self._moe_details(moe_summary)
         return coverage
+
+    def _reconstruct(
+        self, step: BlockStep, refs: list[WeightRef], dense_outputs, settings: ReconstructConfig, report: StepReport
+    ) -> None:
+        """Refit the block's surviving weights towards the dense block's outputs, then check every target again;
+        the engine recomputes the block's outputs for the next block."""
+        pruned = {r.name: r.weight() == 0 for r in refs}
+        entry = reconstruct_block(step, refs, dense_outputs, settings)
+        step.info.pop("outputs", None)
+        structure = self.config.parsed_structure
+        for ref in refs:
+            verify_refit(ref, ref.weight(), pruned.pop(ref.name), structure)
+        report.details.setdefault("reconstruction", {})[step.index] = entry
+        logger.info(
+            "block %d: output error %.4g -> %.4g (%s, %d steps, %.1f s)",
+            step.index,
+            entry["error_before"],
+            entry["error_refit"],
+            "kept" if entry["kept"] else "discarded: not lower",
+            entry["steps"],
+            entry["seconds"],
+        )
 
     @staticmethod
     def _per_expert_linears(ctx: PruneContext) -> bool:
@@ -431,6 +480,17 @@ class WeightPruningMethod(PruningMethod):
         else:
             weight.masked_fill_(mask, 0)
         return verify_pruned(ref, weight, mask, sparsity, structure, self.comparison_group)
+
+
+def verify_refit(ref: WeightRef, weight: torch.Tensor, zeros: torch.Tensor, structure: Structure) -> None:
+    """The checks after reconstruction: every zero the masking left is still zero (so the pruned count and the N:M
+    pattern are unchanged), finite values."""
+    if bool((weight[zeros] != 0).any()):
+        raise PruningCheckError(f"{ref.name}: reconstruction changed the pruned pattern; nothing will be saved.")
+    if not bool(torch.isfinite(weight).all()):
+        raise PruningCheckError(f"{ref.name}: NaN or inf after reconstruction; nothing will be saved.")
+    if structure.is_nm and nm_violations(weight, structure.n, structure.m):
+        raise PruningCheckError(f"{ref.name}: the {structure} pattern does not hold after reconstruction.")
 
 
 def verify_pruned(

@@ -39,7 +39,7 @@ class MagnitudeMethod(WeightPruningMethod):
     Recipe: ``steps: [{method: magnitude, sparsity: 0.5, structure: "2:4"}]``.
     """
 
-    needs_calibration = False
+    uses_statistics = False
 
     def __init__(self, config: MagnitudeConfig):
         super().__init__(config)
