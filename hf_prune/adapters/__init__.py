@@ -20,10 +20,13 @@ from .table import (
     NORM_ROLES,
     ROUTER_ROLE,
     VLM_FAMILIES,
+    WIDTH_FAMILIES,
+    WIDTH_REFUSED,
     ArchSpec,
     ExpertLayout,
     MoESpec,
     VLMSpec,
+    WidthSpec,
 )
 
 __all__ = [
@@ -40,6 +43,9 @@ __all__ = [
     "ArchSpec",
     "VLMSpec",
     "VLM_FAMILIES",
+    "WIDTH_FAMILIES",
+    "WIDTH_REFUSED",
+    "WidthSpec",
     "LinearRef",
     "zero_fraction",
     "ModelAdapter",

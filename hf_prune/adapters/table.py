@@ -313,3 +313,34 @@ FAMILIES: dict[str, ArchSpec] = {
     "deepseek_v3": DEEPSEEK_V3,
     "llama4_text": LLAMA4_TEXT,
 }
+
+
+# Structured width pruning (MLP neurons, attention heads): where each family's config records its widths, and which
+# config flag gives the consuming projection (down / o) a bias for compensation. Families absent here are refused.
+@dataclass(frozen=True)
+class WidthSpec:
+    """mlp_key: config key of the MLP intermediate width. heads: attention reads head_dim and the head counts from
+    the config (not from hidden_size), so heads can be removed in a plain checkpoint. mlp_bias_key /
+    attention_bias_key: the config flag that gives down / o a bias (None: the module has one already, or cannot)."""
+
+    mlp_key: str = "intermediate_size"
+    heads: bool = True
+    mlp_bias_key: str | None = None
+    attention_bias_key: str | None = None
+
+
+_GEMMA_WIDTH = WidthSpec(attention_bias_key="attention_bias")
+WIDTH_FAMILIES: dict[str, WidthSpec] = {
+    "llama": WidthSpec(mlp_bias_key="mlp_bias", attention_bias_key="attention_bias"),
+    "mistral": WidthSpec(),
+    "qwen2": WidthSpec(),
+    "qwen3": WidthSpec(attention_bias_key="attention_bias"),
+    "gemma": _GEMMA_WIDTH,
+    "gemma2": _GEMMA_WIDTH,
+    "gemma3_text": _GEMMA_WIDTH,
+    "opt": WidthSpec(mlp_key="ffn_dim", heads=False),  # attention derives head_dim from hidden_size
+    "gpt2": WidthSpec(mlp_key="n_inner", heads=False),  # the same; and c_attn fuses q/k/v
+}
+WIDTH_REFUSED: dict[str, str] = {
+    "phi3": "its fused qkv_proj and gate_up_proj would need their halves sliced in step; not supported yet",
+}

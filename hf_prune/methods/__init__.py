@@ -8,6 +8,7 @@ from .slicegpt import SliceGPTConfig, SliceGPTMethod
 from .sparsegpt import SparseGPTConfig, SparseGPTMethod
 from .visual_tokens import VisualTokensConfig, VisualTokensMethod
 from .wanda import WandaConfig, WandaMethod
+from .width import WidthConfig, WidthMethod
 
 register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
 register_method("wanda", WandaConfig, WandaMethod)
@@ -16,6 +17,7 @@ register_method("depth", DepthConfig, DepthMethod)
 register_method("experts", ExpertsConfig, ExpertsMethod)
 register_method("slicegpt", SliceGPTConfig, SliceGPTMethod)
 register_method("visual_tokens", VisualTokensConfig, VisualTokensMethod)
+register_method("width", WidthConfig, WidthMethod)
 
 __all__ = [
     "DepthConfig",
@@ -32,4 +34,6 @@ __all__ = [
     "VisualTokensMethod",
     "WandaConfig",
     "WandaMethod",
+    "WidthConfig",
+    "WidthMethod",
 ]

@@ -399,6 +399,7 @@ class SliceGPTMethod(PruningMethod):
             data.pop("model_type", None)
             data["hf_prune_slicing"] = spec
             new_model = model_cls(config_cls.from_dict(data))
+        new_model.to(dtype=next(model.parameters()).dtype)  # the model's own dtype, not the constructor's float32
         missing, unexpected = new_model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
         if missing or unexpected:

@@ -133,6 +133,8 @@ def apply_slicing(model, spec):
         linear.bias = _new_param(linear.weight, (linear.out_features,))
     for path, shape in (spec.get("resize") or {}).items():
         resize_module(model.get_submodule(path), shape)
+    for path, groups in (spec.get("attention_groups") or {}).items():  # query heads per KV head, per block
+        model.get_submodule(path).num_key_value_groups = groups
     blocks_path = spec.get("shortcuts")
     if blocks_path:
         for block in model.get_submodule(blocks_path):

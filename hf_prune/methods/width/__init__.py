@@ -1,0 +1,3 @@
+from .method import WidthConfig, WidthMethod
+
+__all__ = ["WidthConfig", "WidthMethod"]

@@ -1,0 +1,420 @@
+"""Structured width pruning: remove MLP neurons and attention heads (whole KV groups under GQA), compensate what they
+contributed, and save a smaller dense model that loads where HF models load."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...adapters import WIDTH_FAMILIES, WIDTH_REFUSED, LinearRef, ModelAdapter, WidthSpec, weight_out_in
+from ...calibration.engine import BlockStep, hooks
+from ...errors import RecipeError, UnsupportedModelError
+from ...report import StepReport
+from ...utils import logger
+from ..base import PruningMethod, StepConfig
+from ..context import PruneContext
+from . import scores as S
+from .surgery import keep_inputs, keep_outputs, rebuild_plain
+
+# (producers: their output channels are the pruned ones, consumer: reads them) per part of the block
+PARTS = {"mlp": (("gate", "up"), "down"), "heads": (("q", "k", "v"), "o")}
+
+
+@dataclass
+class WidthConfig(StepConfig):
+    """Structured width pruning: fewer MLP neurons and attention heads in every block, a smaller dense model.
+
+    Args:
+        mlp: fraction of each block's MLP intermediate neurons to remove, in [0, 1).
+        heads: fraction of attention heads to remove, in [0, 1): whole KV groups (a KV head and the query heads
+            that share it) so the query/KV ratio stays valid; with a single KV head, query heads evenly from it.
+        criterion: ``activation`` (Minitron: mean |activation| of the neuron / head output), ``fluctuation`` (FLAP:
+            variance of the channel times the squared norm of the column that reads it) or ``magnitude`` (norm of
+            that column; no data).
+        compensate: ``least_squares`` (refit the consuming projection, down / o, on the kept channels from the
+            calibration activations), ``bias`` (FLAP: the removed channels' mean contribution into the consumer's
+            bias; turns on the family's bias flag) or ``none``.
+        per_block: each block gets its own widths (FLAP's adaptive structure: channel scores standardized per block
+            and ranked over the model); saved with hf_prune's modeling file (``trust_remote_code=True``).
+        round_to: MLP widths are rounded to a multiple of this (8: friendly to GPU kernels).
+
+    Example recipe::
+
+        steps:
+          - {method: width, mlp: 0.3, heads: 0.25}    # criterion: activation, compensate: least_squares
+    """
+
+    method: str = "width"
+    mlp: float = 0.0
+    heads: float = 0.0
+    criterion: str = "activation"
+    compensate: str = "least_squares"
+    per_block: bool = False
+    round_to: int = 8
+
+    def validate(self) -> None:
+        for key in ("mlp", "heads"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise RecipeError(f"width.{key} must be a fraction in [0, 1) of what to remove, got {value!r}.")
+        if not self.mlp and not self.heads:
+            raise RecipeError("width: nothing to remove; set mlp and/or heads, e.g. {method: width, mlp: 0.25}.")
+        if self.criterion not in S.CRITERIA:
+            raise RecipeError(f"width.criterion must be one of {', '.join(S.CRITERIA)}, got {self.criterion!r}.")
+        if self.compensate not in S.COMPENSATIONS:
+            raise RecipeError(
+                f"width.compensate must be one of {', '.join(S.COMPENSATIONS)}, got {self.compensate!r}."
+            )
+        if not isinstance(self.per_block, bool):
+            raise RecipeError(f"width.per_block must be true or false, got {self.per_block!r}.")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise RecipeError(f"width.round_to must be a positive integer, got {self.round_to!r}.")
+
+
+@dataclass
+class Geometry:
+    """The attention and MLP widths of a (uniform) model."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def group(self) -> int:  # query heads per KV head
+        return self.heads // self.kv_heads
+
+
+def geometry(model: nn.Module, adapter: ModelAdapter, spec: WidthSpec) -> Geometry:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    down = next(r for r in adapter.linears(0) if r.role == "down")
+    return Geometry(heads, kv, head_dim, down.in_features)
+
+
+@dataclass
+class Plan:
+    """What one block keeps: MLP neurons, and attention units (KV groups, or query heads per group)."""
+
+    mlp_keep: int
+    unit_keep: int
+
+
+class WidthMethod(PruningMethod):
+    """Remove MLP neurons and attention heads by activation / fluctuation / magnitude, with least-squares or bias
+    compensation, into a smaller model of the same class (uniform) or with per-block widths."""
+
+    config: WidthConfig
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        c = self.config
+        return c.criterion != "magnitude" or c.compensate != "none" or c.per_block
+
+    # ------------------------------------------------------------------ planning and checks
+    def preflight(self, ctx: PruneContext) -> None:
+        adapter, c = ctx.adapter, self.config
+        family = adapter.family
+        if adapter.is_vlm:
+            raise UnsupportedModelError(
+                "width: vision-language models are not supported yet (their language config is nested); prune the "
+                "language model with the weight-pruning methods, or use depth."
+            )
+        if family in WIDTH_REFUSED:
+            raise UnsupportedModelError(f"width: {family} is not supported: {WIDTH_REFUSED[family]}.")
+        if adapter.moe_blocks():
+            raise UnsupportedModelError(
+                f"width: {family} is a mixture of experts; remove whole experts with {{method: experts}} instead "
+                "(expert widths are not supported yet)."
+            )
+        spec = WIDTH_FAMILIES.get(family)
+        if spec is None:
+            raise UnsupportedModelError(
+                f"width: no width layout for {family} (supported: {', '.join(sorted(WIDTH_FAMILIES))})."
+            )
+        if c.heads and not spec.heads:
+            raise UnsupportedModelError(
+                f"width.heads: {family}'s attention derives head_dim from hidden_size, so fewer heads cannot be "
+                "described by its config; use mlp only."
+            )
+        geo = geometry(ctx.model, adapter, spec)
+        self.spec, self.geo = spec, geo
+        self.units, self.unit_size = self._attention_units(geo)
+        plan = self.uniform_plan()
+        if c.heads and plan.unit_keep == self.units:
+            raise RecipeError(
+                f"width.heads={c.heads} removes no head: {family} has {self.units} removable attention units "
+                f"({self._unit_name()}); the smallest step is {1 / self.units:.3f}."
+            )
+        if c.compensate == "bias":
+            for part, flag in (("mlp", spec.mlp_bias_key), ("heads", spec.attention_bias_key)):
+                consumer = next(r for r in adapter.linears(0) if r.role == PARTS[part][1])
+                if getattr(c, part) and consumer.module.bias is None and flag is None:
+                    raise RecipeError(
+                        f"width.compensate: bias needs a bias on {consumer.local}, which {family}'s config cannot "
+                        "give it; use compensate: least_squares (no bias needed) or none."
+                    )
+        if c.per_block:
+            from ..slicegpt.method import SLICEABLE
+
+            if family not in SLICEABLE and family not in ("gemma3_text",):
+                raise UnsupportedModelError(f"width.per_block: {family} cannot load per-block widths yet.")
+
+    def _attention_units(self, geo: Geometry) -> tuple[int, int]:
+        """(count, channels per unit) of what heads removal takes out: KV groups, or query heads of a single group."""
+        if geo.kv_heads == 1 and geo.heads > 1:
+            return geo.heads, geo.head_dim
+        return geo.kv_heads, geo.group * geo.head_dim
+
+    def _unit_name(self) -> str:
+        return "query heads of its single KV head" if self.geo.kv_heads == 1 else "KV groups"
+
+    def uniform_plan(self) -> Plan:
+        c, geo = self.config, self.geo
+        mlp_keep = geo.intermediate
+        if c.mlp:
+            mlp_keep = max(c.round_to, int(geo.intermediate * (1 - c.mlp)) // c.round_to * c.round_to)
+        unit_keep = max(1, round(self.units * (1 - c.heads))) if c.heads else self.units
+        return Plan(mlp_keep, unit_keep)
+
+    # ------------------------------------------------------------------ running
+    def run(self, ctx: PruneContext) -> StepReport:
+        start = time.perf_counter()
+        c = self.config
+        report = StepReport(c.method, c.to_dict(), c.non_default_dict())
+        total_before = sum(p.numel() for p in ctx.model.parameters())
+        plans = self.per_block_plans(ctx, report) if c.per_block else None
+        uniform = self.uniform_plan()
+        details: dict[int, dict] = {}
+        if self.needs_calibration:
+            engine = ctx.engine()
+            for step in engine.walk(desc="width"):
+                plan = plans[step.index] if plans else uniform
+                details[step.index] = self._prune_block(ctx, step.index, plan, step)
+                step.info.pop("outputs", None)  # the engine runs the narrowed block for the next block's inputs
+        else:
+            for i, block in enumerate(ctx.adapter.blocks):
+                plan = plans[i] if plans else uniform
+                with ctx.block_context(block):
+                    details[i] = self._prune_block(ctx, i, plan, None)
+        ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform)
+        total_after = sum(p.numel() for p in ctx.model.parameters())
+        report.details.update(
+            {
+                "mlp_width": {i: d["mlp"] for i, d in details.items()},
+                "attention_heads": {i: d["heads"] for i, d in details.items()},
+                "kv_heads": {i: d["kv_heads"] for i, d in details.items()},
+                "compensation_error": {i: d["errors"] for i, d in details.items() if d["errors"]},
+                "params_removed": total_before - total_after,
+                "params_removed_fraction": round(1 - total_after / total_before, 6),
+                "plain_checkpoint": not c.per_block,
+            }
+        )
+        report.time_s = time.perf_counter() - start
+        logger.info(
+            "width: %d -> %d parameters (%.1f%% removed)",
+            total_before,
+            total_after,
+            100 * (1 - total_after / total_before),
+        )
+        return report
+
+    def _prune_block(self, ctx: PruneContext, index: int, plan: Plan, step: BlockStep | None) -> dict:
+        c = self.config
+        refs = {r.role: r for r in ctx.adapter.linears(index)}
+        stats: dict[str, S.ChannelStats] = {}
+        if step is not None:
+            parts = [p for p in PARTS if getattr(c, p)]
+            second = c.compensate == "least_squares"
+            for part in parts:
+                consumer = refs[PARTS[part][1]]
+                stats[part] = S.ChannelStats(consumer.in_features, consumer.device, second)
+
+            def hook(part):
+                return lambda module, args: stats[part].update(args[0])
+
+            with hooks([refs[PARTS[p][1]].module.register_forward_pre_hook(hook(p)) for p in parts]):
+                step.forward(keep_outputs=False)
+        errors = {}
+        if c.mlp:
+            errors["mlp"] = self._cut(refs, "mlp", self._mlp_keep(refs, stats.get("mlp"), plan.mlp_keep), stats)
+        if c.heads:
+            q_keep, kv_keep = self._head_keep(refs, stats.get("heads"), plan.unit_keep)
+            errors["heads"] = self._cut(refs, "heads", q_keep, stats, kv_keep)
+        attn = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention) if c.heads else None
+        heads = weight_out_in(refs["o"].module).shape[1] // self.geo.head_dim if "o" in refs else None
+        kv = weight_out_in(refs["k"].module).shape[0] // self.geo.head_dim if "k" in refs else None
+        if attn is not None and hasattr(attn, "num_key_value_groups") and kv:
+            attn.num_key_value_groups = heads // kv
+        return {
+            "mlp": weight_out_in(refs["down"].module).shape[1],
+            "heads": heads,
+            "kv_heads": kv,
+            "errors": {k: v for k, v in errors.items() if v is not None},
+        }
+
+    def _scores(self, consumer: LinearRef, stats: S.ChannelStats | None) -> torch.Tensor:
+        if stats is not None:
+            stats.all_reduce()
+        return S.channel_scores(self.config.criterion, stats, weight_out_in(consumer.module))
+
+    def _mlp_keep(self, refs, stats, keep: int) -> torch.Tensor:
+        return S.keep_top(self._scores(refs["down"], stats), keep)
+
+    def _head_keep(self, refs, stats, unit_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channels of o's input (= q's output rows) and of k/v's output rows to keep."""
+        geo = self.geo
+        head_scores = S.group_scores(self._scores(refs["o"], stats), geo.head_dim)  # per query head
+        if geo.kv_heads == 1 and geo.heads > 1:  # query heads of the single KV head
+            q_heads = S.keep_top(head_scores, unit_keep)
+            return S.expand_groups(q_heads, geo.head_dim), torch.arange(geo.head_dim)
+        groups = S.keep_top(S.group_scores(head_scores, geo.group), unit_keep)
+        return S.expand_groups(groups, geo.group * geo.head_dim), S.expand_groups(groups, geo.head_dim)
+
+    @torch.no_grad()
+    def _cut(self, refs, part: str, keep: torch.Tensor, stats, kv_keep: torch.Tensor | None = None):
+        """Slice the producers' outputs and the consumer's inputs; compensate in the consumer. Returns the
+        consumer's relative output error on the calibration data (least squares) or None."""
+        c = self.config
+        producers, consumer_role = PARTS[part]
+        consumer = refs[consumer_role]
+        weight = weight_out_in(consumer.module).float()
+        removed = torch.ones(weight.shape[1], dtype=torch.bool)
+        removed[keep] = False
+        removed = removed.nonzero().squeeze(1)
+        new_weight, shift, error = None, None, None
+        st = stats.get(part)
+        if c.compensate == "least_squares":
+            G = st.second_moment.to(weight.device)
+            new_weight = S.least_squares_refit(weight, G, keep.to(weight.device))
+            error = {
+                "plain": _relative_error(weight, weight[:, keep], G, keep),
+                "refit": _relative_error(weight, new_weight, G, keep),
+            }
+            if error["refit"] >= error["plain"]:  # never worse than plain slicing
+                new_weight = None
+        elif c.compensate == "bias":
+            shift = S.bias_shift(weight, st.mean.to(weight.device), removed.to(weight.device))
+        for role in producers:
+            if role in refs:
+                rows = kv_keep if (part == "heads" and role in ("k", "v")) else keep
+                keep_outputs(refs[role], rows.to(consumer.device))
+        keep_inputs(consumer, keep.to(consumer.device), new_weight, shift)
+        return error
+
+    # ------------------------------------------------------------------ per-block widths (FLAP)
+    def per_block_plans(self, ctx: PruneContext, report: StepReport) -> dict[int, Plan]:
+        """Widths per block from one scoring pass over the dense model: scores standardized within each block and
+        ranked over the whole model, the same total kept as the uniform plan (at least one unit / round_to neurons
+        per block)."""
+        c, adapter = self.config, ctx.adapter
+        n = adapter.num_blocks
+        scores: dict[str, list[torch.Tensor]] = {"mlp": [], "heads": []}
+        engine = ctx.engine()
+        for step in engine.walk(desc="width scores"):
+            refs = {r.role: r for r in adapter.linears(step.index)}
+            stats = {p: S.ChannelStats(refs[PARTS[p][1]].in_features, refs[PARTS[p][1]].device) for p in PARTS}
+
+            def hook(part):
+                return lambda module, args: stats[part].update(args[0])
+
+            with hooks([refs[PARTS[p][1]].module.register_forward_pre_hook(hook(p)) for p in PARTS]):
+                step.info["outputs"] = step.forward()
+            scores["mlp"].append(self._scores(refs["down"], stats["mlp"]))
+            head = S.group_scores(self._scores(refs["o"], stats["heads"]), self.unit_size)
+            scores["heads"].append(head)
+        uniform = self.uniform_plan()
+        mlp = _allocate(scores["mlp"], uniform.mlp_keep * n, c.round_to) if c.mlp else [uniform.mlp_keep] * n
+        units = _allocate(scores["heads"], uniform.unit_keep * n, 1) if c.heads else [uniform.unit_keep] * n
+        report.details["per_block_widths"] = {i: {"mlp": mlp[i], "attention_units": units[i]} for i in range(n)}
+        return {i: Plan(mlp[i], units[i]) for i in range(n)}
+
+    # ------------------------------------------------------------------ the saved model
+    def finalize(self, model: nn.Module, adapter: ModelAdapter, plans, uniform: Plan) -> nn.Module:
+        c, spec, geo = self.config, self.spec, self.geo
+        biases = {}
+        if c.compensate == "bias":
+            for part, flag in (("mlp", spec.mlp_bias_key), ("heads", spec.attention_bias_key)):
+                if getattr(c, part) and flag is not None:
+                    biases[flag] = True
+        if plans is None:
+            updates: dict[str, Any] = {spec.mlp_key: uniform.mlp_keep, **biases}
+            if c.heads:
+                heads, kv = self._head_counts(uniform.unit_keep)
+                updates.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=geo.head_dim)
+            return rebuild_plain(model, updates)
+        return self._rebuild_per_block(model, adapter)
+
+    def _head_counts(self, unit_keep: int) -> tuple[int, int]:
+        geo = self.geo
+        if geo.kv_heads == 1 and geo.heads > 1:
+            return unit_keep, 1
+        return unit_keep * geo.group, unit_keep
+
+    def _rebuild_per_block(self, model: nn.Module, adapter: ModelAdapter) -> nn.Module:
+        """hf_prune's modeling file (the same one SliceGPT's per-block checkpoints use): the base class, then every
+        projection resized to its block's width, biases added where compensation made them."""
+        from ..slicegpt.remote import sliced_classes
+
+        resize, add_bias = {}, []
+        for i in range(adapter.num_blocks):
+            for ref in adapter.linears(i):
+                resize[ref.name] = list(weight_out_in(ref.module).shape)
+                if ref.module.bias is not None:
+                    add_bias.append(ref.name)
+        spec = {"resize": resize, "add_bias": add_bias, "attention_groups": self._groups(adapter)}
+        config_cls, model_cls = sliced_classes(model)
+        data = model.config.to_dict()
+        data.pop("model_type", None)
+        data["hf_prune_slicing"] = spec
+        state = model.state_dict()
+        new_model = model_cls(config_cls.from_dict(data)).to(dtype=next(model.parameters()).dtype)
+        missing, unexpected = new_model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+        if missing or unexpected:
+            raise RuntimeError(f"width: rebuilt model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if getattr(model.config, "tie_word_embeddings", False):
+            new_model.tie_weights()
+        new_model.to(next(model.parameters()).device).eval()
+        if hasattr(model.config, "pruning_config"):
+            new_model.config.pruning_config = model.config.pruning_config
+        new_model.name_or_path = getattr(model, "name_or_path", "")
+        return new_model
+
+    def _groups(self, adapter: ModelAdapter) -> dict[str, int]:
+        """Query heads per KV head of every attention module (what the runtime sets on it)."""
+        out = {}
+        for i, block in enumerate(adapter.blocks):
+            attn = block.get_submodule(adapter.spec.attention)
+            if hasattr(attn, "num_key_value_groups"):
+                out[f"{adapter.block_name(i)}.{adapter.spec.attention}"] = int(attn.num_key_value_groups)
+        return out
+
+
+def _relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
+    """E||W x - W' x_S||^2 / E||W x||^2 from the second moment G (no activations kept)."""
+    G = G.double()
+    W, N = weight.double(), new.double()
+    full = torch.einsum("oi,ij,oj->", W, G, W)
+    cross = torch.einsum("oi,ij,oj->", W, G[:, keep], N)
+    kept = torch.einsum("oi,ij,oj->", N, G[keep][:, keep], N)
+    return float((full - 2 * cross + kept) / full.clamp_min(1e-30))
+
+
+def _allocate(block_scores: list[torch.Tensor], total_keep: int, multiple: int) -> list[int]:
+    """How many units each block keeps: the ``total_keep`` best of all blocks' units by score standardized within
+    its block (FLAP), each block at least ``multiple``, counts rounded to ``multiple``."""
+    standardized = [(s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0 for s in block_scores]
+    flat = torch.cat(standardized)
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(standardized)])
+    best = torch.argsort(flat, descending=True, stable=True)[:total_keep]
+    counts = torch.bincount(owner[best], minlength=len(block_scores)).tolist()
+    sizes = [s.numel() for s in block_scores]
+    return [min(size, max(multiple, int(math.floor(k / multiple + 0.5)) * multiple)) for k, size in zip(counts, sizes)]
