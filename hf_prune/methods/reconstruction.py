@@ -161,7 +161,10 @@ class MaskedWeights:
 
     def scales(self) -> list[float]:
         """RMS of each parameter's free entries (Adam's step is set relative to it)."""
-        return [float(p.data[m].float().pow(2).mean().sqrt()) if m.any() else 0.0 for p, m in zip(self.params, self.free)]
+        return [float(p.data[m].float().pow(2).mean().sqrt()) if m.any() else 0.0 for p, m in self._pairs()]
+
+    def _pairs(self):
+        return zip(self.params, self.free)
 
     def mask_gradients(self) -> None:
         for p, m in zip(self.params, self.free):

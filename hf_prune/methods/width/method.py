@@ -232,16 +232,7 @@ class WidthMethod(PruningMethod):
         stats: dict[str, S.ChannelStats] = {}
         if step is not None:
             parts = [p for p in PARTS if getattr(c, p)]
-            second = c.compensate == "least_squares"
-            for part in parts:
-                consumer = refs[PARTS[part][1]]
-                stats[part] = S.ChannelStats(consumer.in_features, consumer.device, second)
-
-            def hook(part):
-                return lambda module, args: stats[part].update(args[0])
-
-            with hooks([refs[PARTS[p][1]].module.register_forward_pre_hook(hook(p)) for p in parts]):
-                step.forward(keep_outputs=False)
+            stats = consumer_statistics(step, refs, parts, c.compensate == "least_squares", keep_outputs=False)
         errors = {}
         if c.mlp:
             errors["mlp"] = self._cut(refs, "mlp", self._mlp_keep(refs, stats.get("mlp"), plan.mlp_keep), stats)
@@ -320,13 +311,7 @@ class WidthMethod(PruningMethod):
         engine = ctx.engine()
         for step in engine.walk(desc="width scores"):
             refs = {r.role: r for r in adapter.linears(step.index)}
-            stats = {p: S.ChannelStats(refs[PARTS[p][1]].in_features, refs[PARTS[p][1]].device) for p in PARTS}
-
-            def hook(part):
-                return lambda module, args: stats[part].update(args[0])
-
-            with hooks([refs[PARTS[p][1]].module.register_forward_pre_hook(hook(p)) for p in PARTS]):
-                step.info["outputs"] = step.forward()
+            stats = consumer_statistics(step, refs, list(PARTS), False, keep_outputs=True)
             scores["mlp"].append(self._scores(refs["down"], stats["mlp"]))
             head = S.group_scores(self._scores(refs["o"], stats["heads"]), self.unit_size)
             scores["heads"].append(head)
@@ -379,7 +364,7 @@ class WidthMethod(PruningMethod):
         missing, unexpected = new_model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
         if missing or unexpected:
-            raise RuntimeError(f"width: rebuilt model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise RuntimeError(f"width: rebuilt model does not match: missing {missing[:5]}, extra {unexpected[:5]}")
         if getattr(model.config, "tie_word_embeddings", False):
             new_model.tie_weights()
         new_model.to(next(model.parameters()).device).eval()
@@ -396,6 +381,24 @@ class WidthMethod(PruningMethod):
             if hasattr(attn, "num_key_value_groups"):
                 out[f"{adapter.block_name(i)}.{adapter.spec.attention}"] = int(attn.num_key_value_groups)
         return out
+
+
+def consumer_statistics(step: BlockStep, refs: dict, parts: list[str], second_moment: bool, keep_outputs: bool):
+    """Run the block once with the consumers' (down, o) inputs recorded; with ``keep_outputs`` the block's outputs
+    are handed to the engine as the next block's inputs."""
+    stats = {}
+    for part in parts:
+        consumer = refs[PARTS[part][1]]
+        stats[part] = S.ChannelStats(consumer.in_features, consumer.device, second_moment)
+    handles = [
+        refs[PARTS[part][1]].module.register_forward_pre_hook(lambda m, args, st=stats[part]: st.update(args[0]))
+        for part in parts
+    ]
+    with hooks(handles):
+        outputs = step.forward(keep_outputs=keep_outputs)
+    if keep_outputs:
+        step.info["outputs"] = outputs
+    return stats
 
 
 def _relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
