@@ -102,6 +102,9 @@ def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
     return None
 
 
+DISTILL_BY_DEFAULT = ("width",)  # steps after which healing distills from the dense teacher unless told otherwise
+
+
 class HFPruner:
     """Prune a Hugging Face causal LM with a recipe, block by block.
 
@@ -283,6 +286,11 @@ class HFPruner:
             )
         base = self.recipe.heal.to_dict() if self.recipe.heal is not None else {}
         cfg = HealConfig.from_dict({**base, **overrides}, "heal")
+        if cfg.distill is None:  # distillation is the default after width pruning, where a teacher is known
+            narrowed = any(m.config.method in DISTILL_BY_DEFAULT for m in self._applied)
+            cfg.distill = narrowed and (teacher is not None or cfg.teacher is not None or self._source is not None)
+            if narrowed and not cfg.distill:
+                logger.warning("heal: no dense teacher known (pass heal(teacher=...)); healing without distillation.")
         teacher_model = None
         if cfg.distill:
             teacher_model = self._load_teacher(teacher if teacher is not None else cfg.teacher)

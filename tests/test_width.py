@@ -197,3 +197,34 @@ def test_bad_requests_are_refused_before_any_work(family, step, error, message, 
         HFPruner(model, tokenizer, tiny_recipe({"method": "width", **step})).prune()
     assert issubclass(error, HFPruneError)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+HEAL = {"max_steps": 4, "batch_size": 2, "seqlen": 32, "lr": 1e-3, "lora_r": 4, "warmup_steps": 1}
+
+
+def test_healing_a_width_pruned_model_distills_by_default(tmp_path, tokenizer, tiny_recipe, calib_texts):
+    """After width pruning the student has another shape than its teacher: logits KD (the default here) and the
+    hidden-state loss through the kept channels both run, and the healed model saves and reloads."""
+    src = tmp_path / "dense"
+    make_tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    pruner = HFPruner.from_pretrained(str(src), recipe=tiny_recipe({"method": "width", "mlp": 0.5, "heads": 0.5}))
+    pruner.prune()
+    first = pruner.heal(**HEAL, source=calib_texts)
+    assert first["distill"] and first["mask"] == "none"  # a dense model: plain LoRA
+    second = pruner.heal(**HEAL, source=calib_texts, distill_hidden=1.0, distill_alpha=1.0)
+    assert second["distill"]
+    _check_reload_and_generate(pruner, tmp_path)
+
+
+def test_hidden_state_distillation_needs_matching_blocks(tmp_path, tokenizer, tiny_recipe, calib_texts):
+    src = tmp_path / "dense"
+    make_tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    pruner = HFPruner.from_pretrained(str(src), recipe=tiny_recipe({"method": "depth", "num_blocks": 1}))
+    pruner.prune()
+    assert not pruner.heal(**HEAL, source=calib_texts)["distill"]  # not the default after depth
+    with pytest.raises(RecipeError, match="pairs the blocks of student and teacher"):
+        pruner.heal(**HEAL, source=calib_texts, distill=True, distill_hidden=1.0)
+    with pytest.raises(RecipeError, match="distill_hidden needs distillation"):
+        pruner.heal(**HEAL, source=calib_texts, distill=False, distill_hidden=1.0)

@@ -25,7 +25,11 @@ class HealConfig(TextSourceFields, StrictConfig):
         source, text_field, split, dataset_config, data_files: training text (default: fortunes).
         seed: data order and SHiRA positions.
         distill: add knowledge distillation from the dense teacher (KL on logits at ``temperature``), weighted
-            ``distill_alpha`` against the language-modelling loss.
+            ``distill_alpha`` against the language-modelling loss. Default (unset): on after structured width
+            pruning (``width``), where the teacher is known; off otherwise.
+        distill_hidden: weight of a hidden-state loss besides the logits: the mean squared difference between the
+            student's and the teacher's hidden states after every block, relative to the teacher's mean square.
+            Needs the teacher's hidden size and block count (width pruning keeps both; depth and SliceGPT do not).
         teacher: the dense model (folder or Hub id); default the model the pruner was loaded from.
         teacher_cache: ``memory`` (teacher logits on the fly) or ``disk`` (teacher top-``cache_topk`` logits computed
             once, kept in a temporary folder; the teacher is freed before training).
@@ -48,8 +52,9 @@ class HealConfig(TextSourceFields, StrictConfig):
     mask: str = "auto"
     targets: list[str] | None = None
     seed: int = 0
-    distill: bool = False
+    distill: bool | None = None
     distill_alpha: float = 0.5
+    distill_hidden: float = 0.0
     temperature: float = 2.0
     teacher: str | None = None
     teacher_cache: str = "memory"
@@ -71,6 +76,17 @@ class HealConfig(TextSourceFields, StrictConfig):
             raise RecipeError(f"heal.mask must be one of {', '.join(MASK_MODES)}, got {self.mask!r}.")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise RecipeError(f"heal.distill_alpha must be in [0, 1], got {self.distill_alpha}.")
+        if self.distill is not None and not isinstance(self.distill, bool):
+            raise RecipeError(f"heal.distill must be true or false, got {self.distill!r}.")
+        if isinstance(self.distill_hidden, bool) or not isinstance(self.distill_hidden, (int, float)):
+            raise RecipeError(f"heal.distill_hidden must be a number >= 0, got {self.distill_hidden!r}.")
+        if self.distill_hidden < 0:
+            raise RecipeError(f"heal.distill_hidden must be >= 0, got {self.distill_hidden}.")
+        if self.distill_hidden and (self.distill is False or self.teacher_cache == "disk"):
+            raise RecipeError(
+                "heal.distill_hidden needs distillation from a teacher in memory: set distill: true and "
+                "teacher_cache: memory (the disk cache keeps top-k logits only)."
+            )
         if not self.temperature > 0:
             raise RecipeError(f"heal.temperature must be > 0, got {self.temperature}.")
         if self.teacher_cache not in ("memory", "disk"):

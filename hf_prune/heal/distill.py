@@ -31,3 +31,13 @@ def kd_loss_topk(
     return (
         F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature**2
     )
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over blocks of the mean squared difference of hidden states, each relative to the teacher's mean square
+    (so blocks with large residual streams do not dominate)."""
+    losses = [
+        (s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+        for s, t in zip(student, teacher)
+    ]
+    return torch.stack(losses).mean()

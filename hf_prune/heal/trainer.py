@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 from ..adapters import ModelAdapter, is_transposed, zero_fraction
 from ..calibration.data import load_documents, sample_windows
 from ..calibration.engine import model_device
-from ..errors import HFPruneError, PruningCheckError
+from ..errors import HFPruneError, PruningCheckError, RecipeError
 from ..methods.targets import select_targets
 from ..utils import logger
 from .config import HealConfig
-from .distill import kd_loss, kd_loss_topk, teacher_topk
+from .distill import hidden_loss, kd_loss, kd_loss_topk, teacher_topk
 
 PRUNED_FRACTION_FOR_MASKS = 0.01  # linears with fewer exact zeros than this hold no pruning mask worth keeping
 
@@ -143,6 +143,18 @@ def _cache_teacher_topk(teacher: nn.Module, windows: torch.Tensor, cfg: HealConf
         torch.save({"values": values.cpu(), "indices": indices.cpu()}, f"{folder}/{step}.pt")
 
 
+def check_hidden_match(student: nn.Module, teacher: nn.Module) -> None:
+    """Hidden-state distillation pairs block i of the student with block i of the teacher: same count and width."""
+    s, t = ModelAdapter(student), ModelAdapter(teacher)
+    s_hidden, t_hidden = student.get_input_embeddings().weight.shape[1], teacher.get_input_embeddings().weight.shape[1]
+    if s.num_blocks != t.num_blocks or s_hidden != t_hidden:
+        raise RecipeError(
+            f"heal.distill_hidden pairs the blocks of student and teacher, but the student has {s.num_blocks} blocks "
+            f"of width {s_hidden} and the teacher {t.num_blocks} of width {t_hidden} (depth pruning and SliceGPT "
+            "change them); use logits distillation only (distill_hidden: 0)."
+        )
+
+
 def heal_model(
     model: nn.Module, tokenizer, adapter: ModelAdapter, cfg: HealConfig, teacher: nn.Module | None = None
 ) -> tuple[nn.Module, HealResult, Any]:
@@ -156,6 +168,8 @@ def heal_model(
     mode = resolve_mask_mode(cfg, refs)
     if cfg.distill and teacher is None:
         raise HFPruneError("heal.distill needs the dense teacher model.")
+    if cfg.distill_hidden:
+        check_hidden_match(model, teacher)
     before = _zero_masks(refs) if mode != "none" else {}
     windows = training_windows(tokenizer, cfg)
     device = model_device(model)
@@ -198,7 +212,8 @@ def heal_model(
         for step in bar:
             batch = windows[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
             with _autocast(cfg, device):
-                logits = peft_model(input_ids=batch, use_cache=False).logits
+                out = peft_model(input_ids=batch, use_cache=False, output_hidden_states=bool(cfg.distill_hidden))
+            logits = out.logits
             lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
             loss = lm
             if cfg.distill:
@@ -209,9 +224,13 @@ def heal_model(
                     )
                 else:
                     with torch.no_grad():
-                        teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-                    kd = kd_loss(logits, teacher_logits, cfg.temperature)
+                        target = teacher(
+                            input_ids=batch, use_cache=False, output_hidden_states=bool(cfg.distill_hidden)
+                        )
+                    kd = kd_loss(logits, target.logits, cfg.temperature)
                 loss = (1.0 - cfg.distill_alpha) * lm + cfg.distill_alpha * kd
+                if cfg.distill_hidden:
+                    loss = loss + cfg.distill_hidden * hidden_loss(out.hidden_states[1:], target.hidden_states[1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
