@@ -67,6 +67,19 @@ for _pct in (10, 20, 30):
         CONFIGS[f"depth-{_name}-{_pct}"] = [_step]
 
 
+# Block reconstruction: every weight-pruning setting of the grid again with ``reconstruct: true`` ("<name>-rec").
+for _method in ("magnitude", "wanda", "sparsegpt"):
+    for _name, _setting in (
+        ("50", {"sparsity": 0.5}),
+        ("60", {"sparsity": 0.6}),
+        ("70", {"sparsity": 0.7}),
+        ("2of4", {"structure": "2:4"}),
+        ("4of8", {"structure": "4:8"}),
+    ):
+        CONFIGS.setdefault(f"{_method}-{_name}", [{"method": _method, **_setting}])
+        CONFIGS[f"{_method}-{_name}-rec"] = [{"method": _method, **_setting, "reconstruct": True}]
+
+
 def extend_configs(extra: dict[str, list[dict]]) -> None:
     """Let other benchmark scripts add their configurations to the same runner."""
     CONFIGS.update(extra)

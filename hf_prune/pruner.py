@@ -102,7 +102,8 @@ def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
     return None
 
 
-DISTILL_BY_DEFAULT = ("width",)  # steps after which healing distills from the dense teacher unless told otherwise
+# Steps after which healing distills from the dense teacher unless told otherwise.
+DISTILL_BY_DEFAULT = ("width", "shrink")
 
 
 class HFPruner:

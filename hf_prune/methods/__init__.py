@@ -4,6 +4,7 @@ from ..registry import register_method
 from .depth import DepthConfig, DepthMethod
 from .experts import ExpertsConfig, ExpertsMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
+from .shrink import ShrinkConfig, ShrinkMethod
 from .slicegpt import SliceGPTConfig, SliceGPTMethod
 from .sparsegpt import SparseGPTConfig, SparseGPTMethod
 from .visual_tokens import VisualTokensConfig, VisualTokensMethod
@@ -18,6 +19,7 @@ register_method("experts", ExpertsConfig, ExpertsMethod)
 register_method("slicegpt", SliceGPTConfig, SliceGPTMethod)
 register_method("visual_tokens", VisualTokensConfig, VisualTokensMethod)
 register_method("width", WidthConfig, WidthMethod)
+register_method("shrink", ShrinkConfig, ShrinkMethod)
 
 __all__ = [
     "DepthConfig",
@@ -26,6 +28,8 @@ __all__ = [
     "ExpertsMethod",
     "MagnitudeConfig",
     "MagnitudeMethod",
+    "ShrinkConfig",
+    "ShrinkMethod",
     "SliceGPTConfig",
     "SliceGPTMethod",
     "SparseGPTConfig",

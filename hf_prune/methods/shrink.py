@@ -1,0 +1,273 @@
+"""Reach a size or a measured speed: combine depth (whole blocks) and width (MLP neurons) pruning, choosing the mix
+by the calibration perplexity of candidates and, for a speed target, by latency measured on this machine."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter
+from ..calibration.data import calibration_batch
+from ..calibration.engine import model_device
+from ..errors import RecipeError
+from ..eval.perplexity import perplexity_of_tokens
+from ..report import StepReport
+from ..utils import logger
+from .base import PruningMethod, StepConfig
+from .context import PruneContext
+from .depth.method import DepthConfig, DepthMethod
+from .width.method import WidthConfig, WidthMethod
+from .width.scores import COMPENSATIONS, CRITERIA
+
+MAX_MLP = 0.9  # a candidate that would remove more of every remaining MLP than this is not tried
+
+
+@dataclass
+class ShrinkConfig(StepConfig):
+    """Shrink the model to a parameter budget or a measured speedup with the best mix of depth and width.
+
+    Args:
+        params: fraction of the model's parameters to keep, in (0, 1).
+        speedup: prefill speedup to reach, > 1, measured on this machine (``latency_tokens`` tokens, batch 1).
+        depth_shares: candidate mixes: the share of the removed block parameters taken by removing whole blocks
+            (the rest by removing MLP neurons of the remaining blocks). 0 = width only, 1 = depth only.
+        criterion, compensate: the width step's (see ``width``).
+        depth_criterion: the depth step's block score (see ``depth``).
+        eval_nsamples: held-out calibration windows (the calibration source, next seed) on which candidates are
+            compared by perplexity.
+        latency_tokens, latency_runs: the prefill that speed targets are measured on (median of runs).
+
+    Example recipe::
+
+        steps:
+          - {method: shrink, params: 0.7}     # or speedup: 1.5
+    """
+
+    method: str = "shrink"
+    params: float | None = None
+    speedup: float | None = None
+    depth_shares: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    criterion: str = "activation"
+    compensate: str = "least_squares"
+    depth_criterion: str = "angular"
+    eval_nsamples: int = 8
+    latency_tokens: int = 512
+    latency_runs: int = 3
+
+    def validate(self) -> None:
+        if (self.params is None) == (self.speedup is None):
+            raise RecipeError("shrink: give exactly one of params (fraction to keep) or speedup (e.g. 1.5).")
+        if self.params is not None and not (isinstance(self.params, (int, float)) and 0 < self.params < 1):
+            raise RecipeError(f"shrink.params is the fraction of parameters to keep, in (0, 1); got {self.params!r}.")
+        if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and self.speedup > 1):
+            raise RecipeError(f"shrink.speedup must be a number > 1, got {self.speedup!r}.")
+        shares = self.depth_shares
+        if not shares or not all(isinstance(s, (int, float)) and 0 <= s <= 1 for s in shares):
+            raise RecipeError(f"shrink.depth_shares must be a non-empty list of numbers in [0, 1], got {shares!r}.")
+        if self.criterion not in CRITERIA or self.compensate not in COMPENSATIONS:
+            raise RecipeError(
+                f"shrink.criterion must be one of {', '.join(CRITERIA)}, compensate one of {', '.join(COMPENSATIONS)}."
+            )
+        for key in ("eval_nsamples", "latency_tokens", "latency_runs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecipeError(f"shrink.{key} must be a positive integer, got {value!r}.")
+
+
+@dataclass
+class Geometry:
+    """Parameter counts of a uniform decoder: per block (MLP and the rest), blocks, whole model."""
+
+    mlp: int
+    other: int
+    blocks: int
+    total: int
+
+    @property
+    def block(self) -> int:
+        return self.mlp + self.other
+
+    def mix(self, removed: float, share: float) -> tuple[int, float] | None:
+        """(blocks to remove, MLP fraction to remove from the rest) that take ``removed`` parameters with ``share`` of
+        them by depth; None where the mix cannot (too many blocks, or MLPs nearly gone)."""
+        blocks = round(share * removed / self.block)
+        if blocks >= self.blocks:
+            return None
+        rest = removed - blocks * self.block
+        mlp = max(rest, 0) / ((self.blocks - blocks) * self.mlp)
+        return (blocks, mlp) if mlp < MAX_MLP else None
+
+
+def _better(entry: dict, best: dict, speedup: float | None) -> bool:
+    """Lower held-out perplexity wins; for a speed target, among candidates that measured it (or the faster one
+    while none has)."""
+    if speedup is not None:
+        reached, best_reached = entry["speedup"] >= speedup, best["speedup"] >= speedup
+        if reached != best_reached:
+            return reached
+        if not reached:
+            return entry["speedup"] > best["speedup"]
+    return entry["calibration_ppl"] < best["calibration_ppl"]
+
+
+def measure_geometry(model: nn.Module, adapter: ModelAdapter) -> Geometry:
+    block = adapter.blocks[0]
+    mlp = sum(r.weight().numel() for r in adapter.linears(0) if r.role in ("gate", "up", "down"))
+    return Geometry(mlp, sum(p.numel() for p in block.parameters()) - mlp, adapter.num_blocks, _count(model))
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def prefill_latency(model: nn.Module, tokens: int, runs: int) -> float:
+    """Median seconds of one forward over ``tokens`` tokens (batch 1, no cache) after a warm-up."""
+    device = model_device(model)
+    ids = torch.randint(0, 100, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids[:, :16], use_cache=False)
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class ShrinkMethod(PruningMethod):
+    """Try each depth/width mix that reaches the target, keep the one with the lowest held-out perplexity."""
+
+    config: ShrinkConfig
+
+    def preflight(self, ctx: PruneContext) -> None:
+        c = self.config
+        self.geometry = measure_geometry(ctx.model, ctx.adapter)
+        WidthMethod(WidthConfig(mlp=0.5, criterion=c.criterion, compensate=c.compensate)).preflight(ctx)
+        DepthMethod(DepthConfig(criterion=c.depth_criterion, num_blocks=1)).preflight(ctx)
+        if c.params is not None:
+            removed = (1 - c.params) * self.geometry.total
+            if not any(self.geometry.mix(removed, s) for s in c.depth_shares):
+                raise RecipeError(
+                    f"shrink.params={c.params}: no mix of depth and width reaches it (at most {MAX_MLP:.0%} of each "
+                    "MLP and all blocks but one); ask for a larger fraction."
+                )
+
+    def run(self, ctx: PruneContext) -> StepReport:
+        start = time.perf_counter()
+        c = self.config
+        report = StepReport(c.method, c.to_dict(), c.non_default_dict())
+        held_out = self._held_out(ctx)
+        dense_latency = prefill_latency(ctx.model, c.latency_tokens, c.latency_runs) if c.speedup else None
+        candidates = []
+        best = None
+        tried = set()
+        for share in c.depth_shares:
+            mix = self._mix_for_target(ctx.model, share, dense_latency)
+            if mix is None or mix in tried:
+                candidates.append({"depth_share": share, "feasible": mix is not None, "same_as_earlier": mix in tried})
+                continue
+            tried.add(mix)
+            blocks, mlp = mix
+            model = self._prune_candidate(ctx, blocks, mlp)
+            entry = {
+                "depth_share": share,
+                "blocks_removed": blocks,
+                "mlp_removed": round(mlp, 4),
+                "params": _count(model),
+                "params_kept": round(_count(model) / self.geometry.total, 4),
+                "calibration_ppl": round(perplexity_of_tokens(model, held_out.reshape(-1), held_out.shape[1]), 4),
+            }
+            if dense_latency is not None:
+                entry["speedup"] = round(dense_latency / prefill_latency(model, c.latency_tokens, c.latency_runs), 3)
+            candidates.append(entry)
+            logger.info("shrink candidate: %s", entry)
+            if best is None or _better(entry, best[0], c.speedup):
+                best = (entry, model)
+            else:
+                del model
+        if best is None:
+            raise RecipeError("shrink: no candidate mix reached the target; ask for less.")
+        entry, model = best
+        if c.speedup and entry["speedup"] < c.speedup:
+            logger.warning(
+                "shrink: no candidate measured a %.2fx speedup here; the fastest measured %.2fx.",
+                c.speedup,
+                entry["speedup"],
+            )
+        ctx.model, ctx.adapter = model, ModelAdapter(model)
+        report.details = {"candidates": candidates, "chosen": entry, "dense_params": self.geometry.total}
+        if dense_latency is not None:
+            report.details["dense_prefill_s"] = round(dense_latency, 4)
+        report.time_s = time.perf_counter() - start
+        return report
+
+    def _held_out(self, ctx: PruneContext) -> torch.Tensor:
+        cal = ctx.calibration
+        seqlen = ctx.seqlen()
+        windows, _ = calibration_batch(
+            cal.source, ctx.tokenizer, self.config.eval_nsamples, seqlen, cal.seed + 1, **cal.source_kwargs()
+        )
+        return windows
+
+    def _mix_for_target(self, model: nn.Module, share: float, dense_latency: float | None) -> tuple[int, float] | None:
+        geo, c = self.geometry, self.config
+        if c.params is not None:
+            return geo.mix((1 - c.params) * geo.total, share)
+        # a speed target: start from the block parameters a linear cost model removes, then correct once by the
+        # latency of a model of that shape (random weights: speed does not depend on which channels are kept)
+        removed = (1 - 1 / c.speedup) * geo.blocks * geo.block
+        mix = geo.mix(removed, share)
+        for _ in range(2):
+            if mix is None:
+                return None
+            measured = dense_latency / prefill_latency(self._shape_only(model, *mix), c.latency_tokens, c.latency_runs)
+            if measured >= c.speedup:
+                return mix
+            removed *= (1 - 1 / c.speedup) / max(1 - 1 / measured, 1e-3)
+            mix = geo.mix(removed, share)
+        return mix
+
+    @staticmethod
+    def _shape_only(model: nn.Module, blocks: int, mlp: float) -> nn.Module:
+        """A model of the candidate's shape with random weights, for timing only."""
+        from ..adapters import WIDTH_FAMILIES
+
+        config = copy.deepcopy(model.config)
+        key = WIDTH_FAMILIES[ModelAdapter(model).family].mlp_key
+        config.num_hidden_layers = config.num_hidden_layers - blocks
+        if hasattr(config, "layer_types") and config.layer_types:
+            config.layer_types = config.layer_types[: config.num_hidden_layers]
+        inter = getattr(config, key)
+        setattr(config, key, max(8, int(inter * (1 - mlp)) // 8 * 8))
+        param = next(model.parameters())
+        return type(model)(config).to(device=param.device, dtype=param.dtype).eval()
+
+    def _prune_candidate(self, ctx: PruneContext, blocks: int, mlp: float) -> nn.Module:
+        c = self.config
+        model = copy.deepcopy(ctx.model)
+        sub = dataclasses.replace(ctx, model=model, adapter=ModelAdapter(model))
+        steps: list[PruningMethod] = []
+        if blocks:
+            steps.append(DepthMethod(DepthConfig(criterion=c.depth_criterion, num_blocks=blocks)))
+        if mlp > 0:
+            steps.append(WidthMethod(WidthConfig(mlp=mlp, criterion=c.criterion, compensate=c.compensate)))
+        for step in steps:
+            step.config.validate()
+            step.preflight(sub)
+            step.run(sub)
+            sub.adapter = ModelAdapter(sub.model)
+        return sub.model
+
+    def pruning_config(self) -> dict[str, Any]:
+        return self.config.to_dict()

@@ -1,0 +1,57 @@
+"""shrink: a parameter or speed target reached by the best mix of depth and width, as a plain checkpoint."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_prune import HFPruner
+from hf_prune.errors import RecipeError
+
+from .conftest import make_tiny_model
+
+IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
+
+
+def _shrink(step, tokenizer, tiny_recipe, layers=4):
+    model = make_tiny_model("llama", layers=layers)
+    total = sum(p.numel() for p in model.parameters())
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "shrink", "eval_nsamples": 2, **step}))
+    return pruner, pruner.prune().steps[0].details, total
+
+
+def test_parameter_target_tries_every_mix_and_keeps_the_best(tokenizer, tiny_recipe, tmp_path):
+    pruner, details, total = _shrink({"params": 0.99}, tokenizer, tiny_recipe)
+    tried = [c for c in details["candidates"] if "calibration_ppl" in c]
+    assert len(tried) >= 2 and len({(c["blocks_removed"], c["mlp_removed"]) for c in tried}) == len(tried)
+    chosen = details["chosen"]
+    assert chosen["calibration_ppl"] == min(c["calibration_ppl"] for c in tried)
+    params = sum(p.numel() for p in pruner.model.parameters())
+    assert params == chosen["params"] and abs(params / total - 0.99) < 0.003
+    out = pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # plain class: depth and uniform width only
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
+
+
+def test_speed_target_measures_candidates_on_this_machine(tokenizer, tiny_recipe):
+    step = {"speedup": 1.2, "latency_tokens": 256, "depth_shares": [0.0, 1.0]}
+    pruner, details, total = _shrink(step, tokenizer, tiny_recipe, layers=6)
+    tried = [c for c in details["candidates"] if "speedup" in c]
+    assert tried and details["dense_prefill_s"] > 0
+    assert details["chosen"]["params"] < total
+
+
+@pytest.mark.parametrize(
+    "step, message",
+    [
+        ({}, "exactly one of params"),
+        ({"params": 0.9, "speedup": 2.0}, "exactly one of params"),
+        ({"params": 1.5}, "fraction of parameters to keep"),
+        ({"speedup": 0.5}, "> 1"),
+        ({"params": 0.5}, "no mix of depth and width reaches it"),
+    ],
+)
+def test_bad_targets_are_refused_before_any_work(step, message, tokenizer, tiny_recipe):
+    model = make_tiny_model("llama")
+    with pytest.raises(RecipeError, match=message):
+        HFPruner(model, tokenizer, tiny_recipe({"method": "shrink", **step})).prune()
