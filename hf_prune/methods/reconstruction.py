@@ -204,14 +204,10 @@ def trainable_only(block: nn.Module, params: list[nn.Parameter], dtype: torch.dt
                 p.data = p.data.to(dtypes[id(p)])
 
 
-def mean_error(block: nn.Module, samples: list[Sample]) -> float:
-    """Mean squared error of the block's outputs against the dense targets, over every calibration token."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for s in samples:
-            total += float(s.error(block))
-            count += s.target.numel()
-    return total / max(count, 1)
+def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """Mean squared error of a block's outputs against the dense targets, over every calibration value."""
+    total = sum(float((o.float() - t.float()).pow(2).sum()) for o, t in zip(outputs, targets))
+    return total / max(sum(t.numel() for t in targets), 1)
 
 
 def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample], config: ReconstructConfig) -> int:
@@ -236,24 +232,33 @@ def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample],
 
 
 def reconstruct_block(
-    step: BlockStep, refs: list[WeightRef], targets: list[torch.Tensor], config: ReconstructConfig
-) -> dict:
+    step: BlockStep,
+    refs: list[WeightRef],
+    targets: list[torch.Tensor],
+    config: ReconstructConfig,
+    pruned_outputs: list[torch.Tensor] | None = None,
+) -> tuple[dict, list[torch.Tensor]]:
     """Refit the pruned block ``step.block`` towards ``targets`` (the dense block's outputs on ``step.inputs``);
-    keep the refit only if it lowers the calibration error. Returns the block's report entry."""
+    keep the refit only if it lowers the calibration error. ``pruned_outputs``: the masked block's outputs if
+    already computed. Returns the block's report entry and its outputs (the next block's inputs)."""
     started = time.perf_counter()
+    if pruned_outputs is None:
+        pruned_outputs = step.forward()
+    before = output_error(pruned_outputs, targets)
     weights = MaskedWeights(refs)
-    dtype = torch.float32
-    samples = make_samples(step, targets, config.batch_size, dtype)
     pruned = weights.snapshot()
-    with trainable_only(step.block, weights.params, dtype):
-        before = mean_error(step.block, samples)
-        with torch.enable_grad():
-            steps = refit_block(step.block, weights, samples, config)
-        after = mean_error(step.block, samples)
-        kept = after < before and all(bool(torch.isfinite(p.data).all()) for p in weights.params)
-        if not kept:
-            weights.restore(pruned)
-    return {
+    samples = make_samples(step, targets, config.batch_size, torch.float32)
+    with trainable_only(step.block, weights.params, torch.float32), torch.enable_grad():
+        steps = refit_block(step.block, weights, samples, config)
+    del samples
+    finite = all(bool(torch.isfinite(p.data).all()) for p in weights.params)
+    outputs = step.forward() if finite else None
+    after = output_error(outputs, targets) if finite else float("inf")
+    kept = after < before
+    if not kept:
+        weights.restore(pruned)
+        outputs = pruned_outputs
+    entry = {
         "error_before": before,
         "error_after": after if kept else before,
         "error_refit": after,
@@ -261,3 +266,4 @@ def reconstruct_block(
         "steps": steps,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    return entry, outputs

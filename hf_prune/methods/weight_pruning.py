@@ -319,10 +319,11 @@ class WeightPruningMethod(PruningMethod):
         self, step: BlockStep, refs: list[WeightRef], dense_outputs, settings: ReconstructConfig, report: StepReport
     ) -> None:
         """Refit the block's surviving weights towards the dense block's outputs, then check every target again;
-        the engine recomputes the block's outputs for the next block."""
+        the block's outputs after the refit (or the masked ones, if it did not help) go to the next block."""
         pruned = {r.name: r.weight() == 0 for r in refs}
-        entry = reconstruct_block(step, refs, dense_outputs, settings)
-        step.info.pop("outputs", None)
+        entry, step.info["outputs"] = reconstruct_block(
+            step, refs, dense_outputs, settings, step.info.pop("outputs", None)
+        )
         structure = self.config.parsed_structure
         for ref in refs:
             verify_refit(ref, ref.weight(), pruned.pop(ref.name), structure)
