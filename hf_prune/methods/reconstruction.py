@@ -36,7 +36,8 @@ class ReconstructConfig(StrictConfig):
 
     Args:
         solver: ``adam``: Adam on the block's mean squared output error with masked gradients.
-        epochs: passes over the calibration samples per block.
+        epochs: passes over the calibration samples per block (1: measured on SmolLM2-135M, Wanda 2:4 perplexity
+            161.0 -> 74.7 with 1 epoch, 71.8 with 2 at twice the time; lr 3e-3 and 3e-2 were worse than 1e-2).
         lr: Adam's learning rate, relative to the RMS of each weight matrix's surviving entries (the step a weight
             of typical size takes; 1e-2 moves a weight by about 1% of that size per step).
         batch_size: calibration samples (rows of the calibration batch) per Adam step.
@@ -44,7 +45,7 @@ class ReconstructConfig(StrictConfig):
     """
 
     solver: str = "adam"
-    epochs: int = 2
+    epochs: int = 1
     lr: float = 1e-2
     batch_size: int = 4
     seed: int = 0
