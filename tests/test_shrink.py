@@ -33,12 +33,22 @@ def test_parameter_target_tries_every_mix_and_keeps_the_best(tokenizer, tiny_rec
         assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
 
 
-def test_speed_target_measures_candidates_on_this_machine(tokenizer, tiny_recipe):
-    step = {"speedup": 1.2, "latency_tokens": 256, "depth_shares": [0.0, 1.0]}
+def test_speed_target_picks_among_candidates_that_reach_it(monkeypatch, tokenizer, tiny_recipe):
+    """Latency replaced by a deterministic cost (the block parameters a forward touches), so the choice among
+    candidates is tested without depending on this machine's load; the real clock runs in the benchmarks."""
+    from hf_prune.adapters import ModelAdapter
+    from hf_prune.methods import shrink
+
+    def block_cost(model, tokens, runs):
+        return float(sum(p.numel() for b in ModelAdapter(model).blocks for p in b.parameters()))
+
+    monkeypatch.setattr(shrink, "prefill_latency", block_cost)
+    step = {"speedup": 1.25, "depth_shares": [0.0, 0.5, 1.0]}
     pruner, details, total = _shrink(step, tokenizer, tiny_recipe, layers=6)
     tried = [c for c in details["candidates"] if "speedup" in c]
-    assert tried and details["dense_prefill_s"] > 0
-    assert details["chosen"]["params"] < total
+    assert len(tried) >= 2 and all(c["speedup"] >= 1.25 for c in tried)
+    assert details["chosen"]["calibration_ppl"] == min(c["calibration_ppl"] for c in tried)
+    assert details["chosen"]["params"] == sum(p.numel() for p in pruner.model.parameters()) < total
 
 
 @pytest.mark.parametrize(
