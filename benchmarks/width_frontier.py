@@ -27,21 +27,11 @@ CRITERIA = ("activation", "fluctuation", "magnitude")
 COMPENSATIONS = ("none", "bias", "least_squares")
 
 
-def block_params(model) -> tuple[int, int, int, int]:
-    """(attention params per block, MLP params per block, number of blocks, total params)."""
-    from hf_prune.adapters import ModelAdapter
-
-    adapter = ModelAdapter(model)
-    refs = adapter.linears(0)
-    attn = sum(r.weight().numel() for r in refs if r.role in ("q", "k", "v", "o"))
-    mlp = sum(r.weight().numel() for r in refs if r.role in ("gate", "up", "down"))
-    return attn, mlp, adapter.num_blocks, sum(p.numel() for p in model.parameters())
-
-
-def steps_for(kind: str, fraction: float, geometry: tuple[int, int, int, int], units: int) -> list[dict] | None:
-    """The recipe step that removes about ``fraction`` of all parameters with ``kind``."""
-    attn, mlp, blocks, total = geometry
-    target = fraction * total
+def steps_for(kind: str, fraction: float, budget, units: int) -> list[dict] | None:
+    """The recipe step that removes about ``fraction`` of all parameters with ``kind`` (``budget``: the model's
+    parameters per block, as hf_prune's shrink step counts them)."""
+    attn, mlp, blocks = budget.other, budget.mlp, budget.blocks
+    target = fraction * budget.total
     if kind == "depth":
         return [{"method": "depth", "criterion": "angular", "num_blocks": max(1, round(target / (attn + mlp)))}]
     if kind == "slicegpt":
@@ -90,10 +80,12 @@ def run_one(model_id: str, steps: list[dict], heal_steps: int, runs: int) -> dic
 
 def plan(args) -> dict[str, tuple[list[dict], int]]:
     """name -> (steps, heal steps) of every configuration of the frontier."""
+    from hf_prune.adapters import ModelAdapter
+    from hf_prune.methods.shrink import measure_budget
     from hf_prune.pruner import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(args.model)
-    geometry = block_params(model)
+    budget = measure_budget(model, ModelAdapter(model))
     kv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     units = kv if kv > 1 else model.config.num_attention_heads
     configs: dict[str, tuple[list[dict], int]] = {"dense": ([], 0)}
@@ -102,13 +94,13 @@ def plan(args) -> dict[str, tuple[list[dict], int]]:
         heal = args.heal_steps if level in args.heal_levels else 0
         pct = f"{level:.0%}"
         for kind in ("depth", "slicegpt", f"{best}/mlp", f"{best}/heads"):
-            steps = steps_for(kind, level, geometry, units)
+            steps = steps_for(kind, level, budget, units)
             if steps is not None:
                 configs[f"{kind.replace('width:', 'width ')} {pct}"] = (steps, heal)
     for criterion in CRITERIA:
         for compensate in COMPENSATIONS:
             kind = f"width:{criterion}/{compensate}/mlp"
-            steps = steps_for(kind, args.grid_level, geometry, units)
+            steps = steps_for(kind, args.grid_level, budget, units)
             name = f"{kind.replace('width:', 'width ')} {args.grid_level:.0%}"
             if steps is not None and name not in configs:
                 configs[name] = (steps, 0)

@@ -82,7 +82,7 @@ class ShrinkConfig(StepConfig):
 
 
 @dataclass
-class Geometry:
+class BlockBudget:
     """Parameter counts of a uniform decoder: per block (MLP and the rest), blocks, whole model."""
 
     mlp: int
@@ -117,10 +117,10 @@ def _better(entry: dict, best: dict, speedup: float | None) -> bool:
     return entry["calibration_ppl"] < best["calibration_ppl"]
 
 
-def measure_geometry(model: nn.Module, adapter: ModelAdapter) -> Geometry:
+def measure_budget(model: nn.Module, adapter: ModelAdapter) -> BlockBudget:
     block = adapter.blocks[0]
     mlp = sum(r.weight().numel() for r in adapter.linears(0) if r.role in ("gate", "up", "down"))
-    return Geometry(mlp, sum(p.numel() for p in block.parameters()) - mlp, adapter.num_blocks, _count(model))
+    return BlockBudget(mlp, sum(p.numel() for p in block.parameters()) - mlp, adapter.num_blocks, _count(model))
 
 
 def _count(model: nn.Module) -> int:
@@ -152,12 +152,12 @@ class ShrinkMethod(PruningMethod):
 
     def preflight(self, ctx: PruneContext) -> None:
         c = self.config
-        self.geometry = measure_geometry(ctx.model, ctx.adapter)
+        self.budget = measure_budget(ctx.model, ctx.adapter)
         WidthMethod(WidthConfig(mlp=0.5, criterion=c.criterion, compensate=c.compensate)).preflight(ctx)
         DepthMethod(DepthConfig(criterion=c.depth_criterion, num_blocks=1)).preflight(ctx)
         if c.params is not None:
-            removed = (1 - c.params) * self.geometry.total
-            if not any(self.geometry.mix(removed, s) for s in c.depth_shares):
+            removed = (1 - c.params) * self.budget.total
+            if not any(self.budget.mix(removed, s) for s in c.depth_shares):
                 raise RecipeError(
                     f"shrink.params={c.params}: no mix of depth and width reaches it (at most {MAX_MLP:.0%} of each "
                     "MLP and all blocks but one); ask for a larger fraction."
@@ -185,7 +185,7 @@ class ShrinkMethod(PruningMethod):
                 "blocks_removed": blocks,
                 "mlp_removed": round(mlp, 4),
                 "params": _count(model),
-                "params_kept": round(_count(model) / self.geometry.total, 4),
+                "params_kept": round(_count(model) / self.budget.total, 4),
                 "calibration_ppl": round(perplexity_of_tokens(model, held_out.reshape(-1), held_out.shape[1]), 4),
             }
             if dense_latency is not None:
@@ -206,7 +206,7 @@ class ShrinkMethod(PruningMethod):
                 entry["speedup"],
             )
         ctx.model, ctx.adapter = model, ModelAdapter(model)
-        report.details = {"candidates": candidates, "chosen": entry, "dense_params": self.geometry.total}
+        report.details = {"candidates": candidates, "chosen": entry, "dense_params": self.budget.total}
         if dense_latency is not None:
             report.details["dense_prefill_s"] = round(dense_latency, 4)
         report.time_s = time.perf_counter() - start
@@ -221,7 +221,7 @@ class ShrinkMethod(PruningMethod):
         return windows
 
     def _mix_for_target(self, model: nn.Module, share: float, dense_latency: float | None) -> tuple[int, float] | None:
-        geo, c = self.geometry, self.config
+        geo, c = self.budget, self.config
         if c.params is not None:
             return geo.mix((1 - c.params) * geo.total, share)
         # a speed target: start from the block parameters a linear cost model removes, then correct once by the
