@@ -54,7 +54,7 @@ class ShrinkConfig(StepConfig):
     params: float | None = None
     speedup: float | None = None
     depth_shares: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    criterion: str = "activation"
+    criterion: str = "fluctuation"
     compensate: str = "least_squares"
     depth_criterion: str = "angular"
     eval_nsamples: int = 8

@@ -33,12 +33,14 @@ class WidthConfig(StepConfig):
         mlp: fraction of each block's MLP intermediate neurons to remove, in [0, 1).
         heads: fraction of attention heads to remove, in [0, 1): whole KV groups (a KV head and the query heads
             that share it) so the query/KV ratio stays valid; with a single KV head, query heads evenly from it.
-        criterion: ``activation`` (Minitron: mean |activation| of the neuron / head output), ``fluctuation`` (FLAP:
-            variance of the channel times the squared norm of the column that reads it) or ``magnitude`` (norm of
+        criterion: ``fluctuation`` (FLAP: variance of the channel times the squared norm of the column that reads
+            it), ``activation`` (Minitron: mean |activation| of the neuron / head output) or ``magnitude`` (norm of
             that column; no data).
         compensate: ``least_squares`` (refit the consuming projection, down / o, on the kept channels from the
             calibration activations), ``bias`` (FLAP: the removed channels' mean contribution into the consumer's
             bias; turns on the family's bias flag) or ``none``.
+            Defaults from measurement (SmolLM2-135M, 20% of the parameters in MLP neurons, README): fluctuation +
+            least squares 50.08, activation + least squares 52.51, fluctuation + bias 62.99, none 63.75.
         per_block: each block gets its own widths (FLAP's adaptive structure: channel scores standardized per block
             and ranked over the model); saved with hf_prune's modeling file (``trust_remote_code=True``).
         round_to: MLP widths are rounded to a multiple of this (8: friendly to GPU kernels).
@@ -46,13 +48,13 @@ class WidthConfig(StepConfig):
     Example recipe::
 
         steps:
-          - {method: width, mlp: 0.3, heads: 0.25}    # criterion: activation, compensate: least_squares
+          - {method: width, mlp: 0.3, heads: 0.25}    # criterion: fluctuation, compensate: least_squares
     """
 
     method: str = "width"
     mlp: float = 0.0
     heads: float = 0.0
-    criterion: str = "activation"
+    criterion: str = "fluctuation"
     compensate: str = "least_squares"
     per_block: bool = False
     round_to: int = 8
