@@ -291,7 +291,8 @@ class WidthMethod(PruningMethod):
                 "plain": _relative_error(weight, weight[:, keep], G, keep),
                 "refit": _relative_error(weight, new_weight, G, keep),
             }
-            if error["refit"] >= error["plain"]:  # never worse than plain slicing
+            error["kept"] = error["refit"] < error["plain"]  # never worse than plain slicing
+            if not error["kept"]:
                 new_weight = None
         elif c.compensate == "bias":
             shift = S.bias_shift(weight, st.mean.to(weight.device), removed.to(weight.device))
