@@ -77,32 +77,29 @@ def parse_reconstruct(value) -> ReconstructConfig | None:
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------------------
-def slice_rows(value, rows: slice, batch: int):
-    """``value`` (a tensor or nested tuple/list/dict of them) restricted to the calibration rows ``rows``: every
-    tensor of two or more dimensions whose first dimension is the chunk's batch size is sliced; the rest (rotary
-    tables shared by the batch, cache positions, flags) pass through."""
+def map_tensors(value, fn):
+    """``fn`` applied to every tensor inside ``value`` (a tensor or nested tuple/list/dict of them)."""
     if torch.is_tensor(value):
-        return value[rows] if value.dim() >= 2 and value.shape[0] == batch and batch > 1 else value
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(slice_rows(v, rows, batch) for v in value)
+        return tuple(map_tensors(v, fn) for v in value)
     if isinstance(value, list):
-        return [slice_rows(v, rows, batch) for v in value]
+        return [map_tensors(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: slice_rows(v, rows, batch) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     return value
+
+
+def slice_rows(value, rows: slice, batch: int):
+    """``value`` restricted to the calibration rows ``rows``: every tensor of two or more dimensions whose first
+    dimension is the chunk's batch size is sliced; the rest (rotary tables shared by the batch, cache positions,
+    flags) pass through."""
+    return map_tensors(value, lambda t: t[rows] if t.dim() >= 2 and t.shape[0] == batch and batch > 1 else t)
 
 
 def cast_floats(value, dtype: torch.dtype):
     """Floating tensors inside ``value`` cast to ``dtype`` (masks of booleans/integers unchanged)."""
-    if torch.is_tensor(value):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple):
-        return tuple(cast_floats(v, dtype) for v in value)
-    if isinstance(value, list):
-        return [cast_floats(v, dtype) for v in value]
-    if isinstance(value, dict):
-        return {k: cast_floats(v, dtype) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 @dataclass
@@ -152,20 +149,18 @@ class MaskedWeights:
             ref.view_of(masks[key])[...] = True
         self.params = list(params.values())
         self.free = [masks[id(p)] & (p.data != 0) for p in self.params]  # targets' surviving entries
+        self.pruned = [p.data.clone() for p in self.params]  # the values as masked, before any refit
 
-    def snapshot(self) -> list[torch.Tensor]:
-        return [p.data.clone() for p in self.params]
-
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        for p, s in zip(self.params, saved):
+    def restore(self) -> None:
+        """Every entry back to its value as masked (a refit that did not help)."""
+        for p, s in zip(self.params, self.pruned):
             p.data.copy_(s)
 
     def scales(self) -> list[float]:
         """RMS of each parameter's free entries (Adam's step is set relative to it)."""
-        return [float(p.data[m].float().pow(2).mean().sqrt()) if m.any() else 0.0 for p, m in self._pairs()]
-
-    def _pairs(self):
-        return zip(self.params, self.free)
+        return [
+            float(p.data[m].float().pow(2).mean().sqrt()) if m.any() else 0.0 for p, m in zip(self.params, self.free)
+        ]
 
     def mask_gradients(self) -> None:
         for p, m in zip(self.params, self.free):
@@ -174,11 +169,8 @@ class MaskedWeights:
 
     def reapply(self) -> None:
         """Entries outside the free set back to their pruned values (exact zeros stay zeros)."""
-        for p, m, s in zip(self.params, self.free, self._fixed):
-            p.data.copy_(torch.where(m, p.data, s))
-
-    def fix(self) -> None:
-        self._fixed = [p.data.clone() for p in self.params]
+        for p, m, s in zip(self.params, self.free, self.pruned):
+            p.data.copy_(torch.where(m, p.data, s.to(p.dtype)))
 
 
 @contextmanager
@@ -218,7 +210,6 @@ def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample],
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-12)
     generator = torch.Generator().manual_seed(config.seed)
     steps = 0
-    weights.fix()
     for _ in range(config.epochs):
         for j in torch.randperm(len(samples), generator=generator).tolist():
             sample = samples[j]
@@ -247,7 +238,6 @@ def reconstruct_block(
         pruned_outputs = step.forward()
     before = output_error(pruned_outputs, targets)
     weights = MaskedWeights(refs)
-    pruned = weights.snapshot()
     samples = make_samples(step, targets, config.batch_size, torch.float32)
     with trainable_only(step.block, weights.params, torch.float32), torch.enable_grad():
         steps = refit_block(step.block, weights, samples, config)
@@ -257,7 +247,7 @@ def reconstruct_block(
     after = output_error(outputs, targets) if finite else float("inf")
     kept = after < before
     if not kept:
-        weights.restore(pruned)
+        weights.restore()
         outputs = pruned_outputs
     entry = {
         "error_before": before,

@@ -91,6 +91,11 @@ class Geometry:
     def group(self) -> int:  # query heads per KV head
         return self.heads // self.kv_heads
 
+    @property
+    def query_units(self) -> bool:
+        """One KV head shared by several query heads: heads removal takes query heads, not KV groups."""
+        return self.kv_heads == 1 and self.heads > 1
+
 
 def geometry(model: nn.Module, adapter: ModelAdapter, spec: WidthSpec) -> Geometry:
     config = model.config
@@ -171,12 +176,12 @@ class WidthMethod(PruningMethod):
 
     def _attention_units(self, geo: Geometry) -> tuple[int, int]:
         """(count, channels per unit) of what heads removal takes out: KV groups, or query heads of a single group."""
-        if geo.kv_heads == 1 and geo.heads > 1:
+        if geo.query_units:
             return geo.heads, geo.head_dim
         return geo.kv_heads, geo.group * geo.head_dim
 
     def _unit_name(self) -> str:
-        return "query heads of its single KV head" if self.geo.kv_heads == 1 else "KV groups"
+        return "query heads of its single KV head" if self.geo.query_units else "KV groups"
 
     def uniform_plan(self) -> Plan:
         c, geo = self.config, self.geo
@@ -265,7 +270,7 @@ class WidthMethod(PruningMethod):
         """Channels of o's input (= q's output rows) and of k/v's output rows to keep."""
         geo = self.geo
         head_scores = S.group_scores(self._scores(refs["o"], stats), geo.head_dim)  # per query head
-        if geo.kv_heads == 1 and geo.heads > 1:  # query heads of the single KV head
+        if geo.query_units:
             q_heads = S.keep_top(head_scores, unit_keep)
             return S.expand_groups(q_heads, geo.head_dim), torch.arange(geo.head_dim)
         groups = S.keep_top(S.group_scores(head_scores, geo.group), unit_keep)
@@ -279,9 +284,6 @@ class WidthMethod(PruningMethod):
         producers, consumer_role = PARTS[part]
         consumer = refs[consumer_role]
         weight = weight_out_in(consumer.module).float()
-        removed = torch.ones(weight.shape[1], dtype=torch.bool)
-        removed[keep] = False
-        removed = removed.nonzero().squeeze(1)
         new_weight, shift, error = None, None, None
         st = stats.get(part)
         if c.compensate == "least_squares":
@@ -295,6 +297,9 @@ class WidthMethod(PruningMethod):
             if not error["kept"]:
                 new_weight = None
         elif c.compensate == "bias":
+            removed = torch.ones(weight.shape[1], dtype=torch.bool)
+            removed[keep] = False
+            removed = removed.nonzero().squeeze(1)
             shift = S.bias_shift(weight, st.mean.to(weight.device), removed.to(weight.device))
         for role in producers:
             if role in refs:
@@ -342,7 +347,7 @@ class WidthMethod(PruningMethod):
 
     def _head_counts(self, unit_keep: int) -> tuple[int, int]:
         geo = self.geo
-        if geo.kv_heads == 1 and geo.heads > 1:
+        if geo.query_units:
             return unit_keep, 1
         return unit_keep * geo.group, unit_keep
 
