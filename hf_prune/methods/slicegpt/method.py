@@ -379,7 +379,8 @@ class SliceGPTMethod(PruningMethod):
     @staticmethod
     def finalize(model: nn.Module, spec: dict[str, Any], family: str, plain: bool) -> nn.Module:
         """Rebuild the sliced model as a class that save_pretrained / from_pretrained understand."""
-        state = model.state_dict()
+        from .remote import move_weights, with_modeling_file
+
         config = model.config
         config.tie_word_embeddings = False
         if plain:
@@ -392,23 +393,5 @@ class SliceGPTMethod(PruningMethod):
             )
             new_model = type(model)(new_config)
         else:
-            from .remote import sliced_classes
-
-            config_cls, model_cls = sliced_classes(model)
-            data = config.to_dict()
-            data.pop("model_type", None)
-            data["hf_prune_slicing"] = spec
-            new_model = model_cls(config_cls.from_dict(data))
-        new_model.to(dtype=next(model.parameters()).dtype)  # the model's own dtype, not the constructor's float32
-        missing, unexpected = new_model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"slicegpt: rebuilt model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        new_model.to(next(model.parameters()).device).eval()
-        for attr in ("pruning_config",):
-            if hasattr(config, attr):
-                setattr(new_model.config, attr, getattr(config, attr))
-        new_model.name_or_path = getattr(model, "name_or_path", "")
-        return new_model
+            new_model = with_modeling_file(model, spec)
+        return move_weights(model, new_model, "slicegpt")

@@ -354,7 +354,7 @@ class WidthMethod(PruningMethod):
     def _rebuild_per_block(self, model: nn.Module, adapter: ModelAdapter) -> nn.Module:
         """hf_prune's modeling file (the same one SliceGPT's per-block checkpoints use): the base class, then every
         projection resized to its block's width, biases added where compensation made them."""
-        from ..slicegpt.remote import sliced_classes
+        from ..slicegpt.remote import move_weights, with_modeling_file
 
         resize, add_bias = {}, []
         for i in range(adapter.num_blocks):
@@ -363,22 +363,9 @@ class WidthMethod(PruningMethod):
                 if ref.module.bias is not None:
                     add_bias.append(ref.name)
         spec = {"resize": resize, "add_bias": add_bias, "attention_groups": self._groups(adapter)}
-        config_cls, model_cls = sliced_classes(model)
-        data = model.config.to_dict()
-        data.pop("model_type", None)
-        data["hf_prune_slicing"] = spec
-        state = model.state_dict()
-        new_model = model_cls(config_cls.from_dict(data)).to(dtype=next(model.parameters()).dtype)
-        missing, unexpected = new_model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-        if missing or unexpected:
-            raise RuntimeError(f"width: rebuilt model does not match: missing {missing[:5]}, extra {unexpected[:5]}")
+        new_model = move_weights(model, with_modeling_file(model, spec), "width")
         if getattr(model.config, "tie_word_embeddings", False):
             new_model.tie_weights()
-        new_model.to(next(model.parameters()).device).eval()
-        if hasattr(model.config, "pruning_config"):
-            new_model.config.pruning_config = model.config.pruning_config
-        new_model.name_or_path = getattr(model, "name_or_path", "")
         return new_model
 
     def _groups(self, adapter: ModelAdapter) -> dict[str, int]:
