@@ -101,6 +101,11 @@ class BlockStep:
                 outputs.append(out.to(hidden.device))
         return outputs if keep_outputs else None
 
+    def forward_chunk(self, j: int, block: nn.Module | None = None) -> torch.Tensor:
+        """Run the block (or a stand-in) on chunk ``j`` only."""
+        block = block if block is not None else self.block
+        return self.calls[j].invoke(block, self.inputs[j].to(self.engine.compute_dtype))
+
     @property
     def num_chunks(self) -> int:
         return len(self.inputs)

@@ -44,6 +44,8 @@ class HessianStats:
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
         n = x.shape[0]
+        if n == 0:  # an expert no token of this chunk was routed to
+            return
         total = self.tokens + n
         self.H *= self.tokens / total
         x = x * (2.0 / total) ** 0.5

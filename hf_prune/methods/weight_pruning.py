@@ -140,6 +140,10 @@ class WeightPruningConfig(StepConfig):
         return parse_reconstruct(self.reconstruct)
 
 
+class _StopBlock(Exception):
+    """Ends a block's forward once the group of targets being calibrated has seen its inputs."""
+
+
 class _SharedStats:
     """Statistics shared by linears that read the same input tensor (q/k/v, gate/up): updated once per chunk."""
 
@@ -277,20 +281,19 @@ class WeightPruningMethod(PruningMethod):
                     coverage.add_block(i)
             return coverage
         engine = ctx.engine()
-        sequential = self.config.true_sequential and engine.num_chunks == 1
+        sequential = self.config.true_sequential
         if sequential and distributed.active() and self._per_expert_linears(ctx):
             sequential = False
             logger.warning(
                 "Per-expert MLP modules are called only on the ranks that routed tokens to them, so a data-parallel "
                 "run collects their statistics first and prunes after (two passes per block)."
             )
-        if self.config.true_sequential and not sequential:
-            logger.warning(
-                "true_sequential needs the whole calibration batch in one forward; it is split in %d chunks, "
-                "so every linear of a block is scored on the dense block's inputs (two passes per block).",
-                engine.num_chunks,
-            )
-        report.details["order"] = "true-sequential (one pass per block)" if sequential else "parallel (two passes)"
+        if not sequential:
+            report.details["order"] = "parallel (two passes)"
+        elif engine.num_chunks == 1:
+            report.details["order"] = "true-sequential (one pass per block)"
+        else:  # the same masks as one chunk: each group of linears sees every chunk before it is pruned
+            report.details["order"] = f"true-sequential (one pass per input group, {engine.num_chunks} chunks)"
         reconstruction = self.config.reconstruction
         moe_summary: dict[int, dict] = {}
         for step in engine.walk(desc=f"{self.config.method}"):
@@ -301,8 +304,10 @@ class WeightPruningMethod(PruningMethod):
             s = sparsities[step.index]
             experts = self._expert_statistics(ctx, step, block_refs)
             dense_outputs = step.forward() if reconstruction is not None else None
-            if sequential:
+            if sequential and step.num_chunks == 1:
                 step.info["outputs"] = self._one_pass(step, block_refs, s, report, experts)
+            elif sequential:
+                self._staged_passes(step, block_refs, s, report, experts)
             else:
                 self._two_pass(step, block_refs, s, report, experts)
             if reconstruction is not None:
@@ -393,6 +398,70 @@ class WeightPruningMethod(PruningMethod):
             outputs = experts.prune_during(prune) if experts is not None else step.forward()
         self._prune_missed(refs, done, report)
         return outputs
+
+    def _staged_passes(self, step: BlockStep, refs, sparsity: float, report: StepReport, experts) -> None:
+        """True-sequential order when the calibration runs in several chunks: one pass over every chunk per group of
+        targets that read the same input (q/k/v, then o, then gate/up, then down; the routed experts as one group),
+        each pass stopping at the first target not of its group; the group is pruned after its pass, so the next
+        group is calibrated on the pruned group's outputs. The masks equal the one-chunk run's, up to summation
+        order; the engine runs the pruned block for the next block's inputs."""
+        linears = split_refs(refs)[0]
+        done: set[str] = set()
+        experts_done = experts is None
+        experts_module = None
+        if experts is not None:  # fused tensors: the experts module is called; a ModuleList: its parent is
+            experts_module = experts.experts if experts.fused else experts._parent.module
+        while True:
+            group: dict[str, LinearRef] = {}
+            state: dict[str, Any] = {"input": None, "experts": False, "stats": None, "chunk": 0}
+
+            def linear_hook(ref: LinearRef):
+                def hook(module, args):
+                    if ref.name in done:
+                        return
+                    x = args[0]
+                    if state["chunk"] == 0 and not state["experts"]:
+                        if state["input"] is None:
+                            state["input"], state["stats"] = weakref.ref(x), _SharedStats(self.make_stats(ref))
+                        if state["input"]() is x:
+                            group[ref.name] = ref
+                    if ref.name not in group:
+                        raise _StopBlock
+                    state["stats"].update(x)
+
+                return hook
+
+            def experts_hook(module, args, kwargs):
+                if state["chunk"] == 0 and state["input"] is None:
+                    state["experts"] = True
+                raise _StopBlock  # the experts' statistics come from their own pass below
+
+            handles = [r.module.register_forward_pre_hook(linear_hook(r)) for r in linears if r.name not in done]
+            if not experts_done:
+                handles.append(experts_module.register_forward_pre_hook(experts_hook, with_kwargs=True))
+            with hooks(handles):
+                for j in range(step.num_chunks):
+                    state["chunk"] = j
+                    try:
+                        step.forward_chunk(j)
+                    except _StopBlock:
+                        pass
+                    if state["experts"]:
+                        break
+            if state["experts"]:
+                experts.accumulate()
+                for ref in split_refs(refs)[1]:
+                    if ref.name in experts.stats:
+                        report.modules.append(self._prune_ref(ref, experts.stats.pop(ref.name), sparsity))
+                        done.add(ref.name)
+                experts_done = True
+                continue
+            if not group:
+                break
+            for ref in group.values():
+                report.modules.append(self._prune_ref(ref, state["stats"].stats, sparsity))
+                done.add(ref.name)
+        self._prune_missed(refs, done, report)
 
     def _two_pass(self, step: BlockStep, refs, sparsity: float, report: StepReport, experts) -> None:
         """Collect statistics over every chunk of the dense block, then prune; the engine re-runs the block."""

@@ -379,19 +379,13 @@ class SliceGPTMethod(PruningMethod):
     @staticmethod
     def finalize(model: nn.Module, spec: dict[str, Any], family: str, plain: bool) -> nn.Module:
         """Rebuild the sliced model as a class that save_pretrained / from_pretrained understand."""
-        from .remote import move_weights, with_modeling_file
+        from ...surgery import rebuild_model
+        from .remote import rebuild_with_modeling_file
 
         config = model.config
         config.tie_word_embeddings = False
-        if plain:
-            new_config = type(config).from_dict(
-                {
-                    **config.to_dict(),
-                    "hidden_size": spec["hidden"],
-                    "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-                }
-            )
-            new_model = type(model)(new_config)
-        else:
-            new_model = with_modeling_file(model, spec)
-        return move_weights(model, new_model, "slicegpt")
+        if not plain:
+            return rebuild_with_modeling_file(model, spec, "slicegpt")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        new_config = type(config).from_dict({**config.to_dict(), "hidden_size": spec["hidden"], "head_dim": head_dim})
+        return rebuild_model(model, lambda: type(model)(new_config), "slicegpt")

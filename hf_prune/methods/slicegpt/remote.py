@@ -57,8 +57,9 @@ def sliced_classes(base_model) -> tuple[type, type]:
 
 
 def with_modeling_file(model, spec: dict):
-    """A fresh, uninitialized model of ``model``'s architecture under hf_prune's modeling file, shaped by ``spec``
-    (resized modules, added biases, shortcuts, attention groups): what saves with ``auto_map``."""
+    """An empty model of ``model``'s architecture under hf_prune's modeling file, shaped by ``spec`` (resized
+    modules, added biases, shortcuts, attention groups): what saves with ``auto_map``. Build it under the meta
+    device (``surgery.rebuild_model`` does)."""
     config_cls, model_cls = sliced_classes(model)
     data = model.config.to_dict()
     data.pop("model_type", None)
@@ -66,20 +67,12 @@ def with_modeling_file(model, spec: dict):
     return model_cls(config_cls.from_dict(data))
 
 
-def move_weights(model, new_model, who: str):
-    """``model``'s weights into the freshly built ``new_model`` (in ``model``'s dtype and device), every key checked,
-    with its pruning_config and name carried over."""
-    param = next(model.parameters())
-    new_model.to(dtype=param.dtype)  # the model's own dtype, not the constructor's float32
-    missing, unexpected = new_model.load_state_dict(model.state_dict(), strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"{who}: rebuilt model does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    new_model.to(param.device).eval()
-    if hasattr(model.config, "pruning_config"):
-        new_model.config.pruning_config = model.config.pruning_config
-    new_model.name_or_path = getattr(model, "name_or_path", "")
-    return new_model
+def rebuild_with_modeling_file(model, spec: dict, who: str):
+    """``model``'s (edited) tensors in the modeling-file class ``spec`` describes, through the one surgery path."""
+    from ...surgery import rebuild_model
+
+    sliced_classes(model)  # written and imported before the meta-device build
+    return rebuild_model(model, lambda: with_modeling_file(model, spec), who)
 
 
 def load_sliced(path: str, config_dict: dict, **kwargs):

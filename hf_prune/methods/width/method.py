@@ -272,7 +272,7 @@ class WidthMethod(PruningMethod):
         head_scores = S.group_scores(self._scores(refs["o"], stats), geo.head_dim)  # per query head
         if geo.query_units:
             q_heads = S.keep_top(head_scores, unit_keep)
-            return S.expand_groups(q_heads, geo.head_dim), torch.arange(geo.head_dim)
+            return S.expand_groups(q_heads, geo.head_dim), torch.arange(geo.head_dim, device=q_heads.device)
         groups = S.keep_top(S.group_scores(head_scores, geo.group), unit_keep)
         return S.expand_groups(groups, geo.group * geo.head_dim), S.expand_groups(groups, geo.head_dim)
 
@@ -297,10 +297,10 @@ class WidthMethod(PruningMethod):
             if not error["kept"]:
                 new_weight = None
         elif c.compensate == "bias":
-            removed = torch.ones(weight.shape[1], dtype=torch.bool)
-            removed[keep] = False
+            removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+            removed[keep.to(weight.device)] = False
             removed = removed.nonzero().squeeze(1)
-            shift = S.bias_shift(weight, st.mean.to(weight.device), removed.to(weight.device))
+            shift = S.bias_shift(weight, st.mean.to(weight.device), removed)
         for role in producers:
             if role in refs:
                 rows = kv_keep if (part == "heads" and role in ("k", "v")) else keep
@@ -354,7 +354,7 @@ class WidthMethod(PruningMethod):
     def _rebuild_per_block(self, model: nn.Module, adapter: ModelAdapter) -> nn.Module:
         """hf_prune's modeling file (the same one SliceGPT's per-block checkpoints use): the base class, then every
         projection resized to its block's width, biases added where compensation made them."""
-        from ..slicegpt.remote import move_weights, with_modeling_file
+        from ..slicegpt.remote import rebuild_with_modeling_file
 
         resize, add_bias = {}, []
         for i in range(adapter.num_blocks):
@@ -363,10 +363,7 @@ class WidthMethod(PruningMethod):
                 if ref.module.bias is not None:
                     add_bias.append(ref.name)
         spec = {"resize": resize, "add_bias": add_bias, "attention_groups": self._groups(adapter)}
-        new_model = move_weights(model, with_modeling_file(model, spec), "width")
-        if getattr(model.config, "tie_word_embeddings", False):
-            new_model.tie_weights()
-        return new_model
+        return rebuild_with_modeling_file(model, spec, "width")
 
     def _groups(self, adapter: ModelAdapter) -> dict[str, int]:
         """Query heads per KV head of every attention module (what the runtime sets on it)."""
@@ -409,6 +406,7 @@ def _relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, ke
 def _allocate(block_scores: list[torch.Tensor], total_keep: int, multiple: int) -> list[int]:
     """How many units each block keeps: the ``total_keep`` best of all blocks' units by score standardized within
     its block (FLAP), each block at least ``multiple``, counts rounded to ``multiple``."""
+    block_scores = [s.detach().float().cpu() for s in block_scores]  # blocks may sit on different devices
     standardized = [(s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0 for s in block_scores]
     flat = torch.cat(standardized)
     owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(standardized)])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...adapters import LinearRef, is_transposed, weight_out_in
+from ...surgery import rebuild_model
 
 
 def set_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -44,40 +45,20 @@ def keep_inputs(ref: LinearRef, columns: torch.Tensor, new_weight: torch.Tensor 
 
 
 def rebuild_plain(model: nn.Module, updates: dict[str, Any]) -> nn.Module:
-    """The model as its own class under a config with ``updates`` (smaller widths, bias flags), weights moved over.
-    Biases the new config adds and the old model lacked (a bias flag also covers sibling projections) are zeros."""
+    """The model as its own class under a config with ``updates`` (smaller widths, bias flags), through the one
+    surgery path. Biases the new config adds and the old model lacked (a bias flag also covers sibling projections)
+    are zeros, beside their weight (same dtype and device)."""
     config = model.config
     new_config = type(config).from_dict({**config.to_dict(), **updates})
-    state = model.state_dict()
-    with torch.device("meta"):
-        new_model = type(model)(new_config)
-    missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    bad = [k for k in missing if not k.endswith(".bias")]
-    if bad or unexpected:
-        raise RuntimeError(f"width: the rebuilt model does not match: missing {bad[:5]}, unexpected {unexpected[:5]}")
-    ref = next(model.parameters())
-    for name in missing:
-        owner, _, leaf = name.rpartition(".")
-        module = new_model.get_submodule(owner)
-        setattr(module, leaf, nn.Parameter(torch.zeros(module.out_features, dtype=ref.dtype, device=ref.device)))
-    _materialize_buffers(new_model, model)
-    if getattr(config, "tie_word_embeddings", False):
-        new_model.tie_weights()
-    new_model.eval()
-    for attr in ("pruning_config",):
-        if hasattr(config, attr):
-            setattr(new_model.config, attr, getattr(config, attr))
-    new_model.name_or_path = getattr(model, "name_or_path", "")
-    new_model.generation_config = model.generation_config
-    return new_model
 
+    def zero_bias(owner: nn.Module, leaf: str) -> torch.Tensor:
+        weight = owner.weight
+        return torch.zeros(owner.out_features, dtype=weight.dtype, device=weight.device)
 
-def _materialize_buffers(new_model: nn.Module, old_model: nn.Module) -> None:
-    """Non-persistent buffers (rotary tables) are not in the state dict: take them from the old model."""
-    old = dict(old_model.named_buffers())
-    for name, buf in list(new_model.named_buffers()):
-        if buf.device.type == "meta":
-            owner, _, leaf = name.rpartition(".")
-            module = new_model.get_submodule(owner) if owner else new_model
-            module._buffers[leaf] = old[name].clone() if name in old else torch.zeros_like(buf, device="cpu")
+    return rebuild_model(
+        model,
+        lambda: type(model)(new_config),
+        "width",
+        allow_missing=lambda key: key.endswith(".bias"),
+        fill_missing=zero_bias,
+    )

@@ -1,0 +1,8 @@
+"""The one path that rebuilds a model whose structure a step changed: built on the meta device, the kept tensors
+moved in with their own dtype and device (``assign=True``: no float32 copy, no random init), buffers carried over,
+every key checked, then dispatched again the way the original model was (accelerate ``device_map``, CPU offload or
+hf_prune's onloading). Methods only say what the new model is (a config, or a builder)."""
+
+from .rebuild import Dispatch, materialized_state_dict, rebuild_model
+
+__all__ = ["Dispatch", "materialized_state_dict", "rebuild_model"]

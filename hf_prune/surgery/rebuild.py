@@ -1,0 +1,154 @@
+"""Rebuild a model as a new class / config from its (edited) tensors, and put it back where the original was."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..calibration.offload import _hooks_of, _tensor_names
+from ..utils import logger
+
+# Keys a rebuilt model may lack in the old state dict: non-persistent rotary tables.
+_IGNORED_MISSING = ("rotary_emb.inv_freq",)
+
+
+def materialized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every offloaded (meta) tensor replaced by its value in accelerate's weights map
+    (CPU memory or the disk offload, as the offload hooks hold it after pruning); tensors on devices stay there."""
+    state = model.state_dict()
+    for module_name, module in model.named_modules():
+        for hook in _hooks_of(module):
+            weights_map = getattr(hook, "weights_map", None)
+            if not getattr(hook, "offload", False) or weights_map is None:
+                continue
+            for name in _tensor_names(module, hook):
+                key = f"{module_name}.{name}" if module_name else name
+                if key in state and state[key].device.type == "meta":
+                    state[key] = weights_map[name]
+    still = [k for k, v in state.items() if v.device.type == "meta"]
+    if still:
+        raise RuntimeError(f"Cannot read {still[:3]} of the offloaded model (meta tensors without a weights map).")
+    return state
+
+
+@dataclass
+class Dispatch:
+    """How accelerate placed a model, so that a rebuilt one can be placed the same way."""
+
+    kind: str  # "none", "device_map" or "offload" (cpu_offload / hf_prune's onloading)
+    device_map: dict | None = None
+    execution_device: torch.device | None = None
+    onloaded: str | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Dispatch:
+        device_map = getattr(model, "hf_device_map", None)
+        onloaded = getattr(model, "hf_prune_onloaded", None)
+        if device_map and len(set(device_map.values())) > 1 or (device_map and _has_offload(model)):
+            return cls("device_map", dict(device_map), onloaded=onloaded)
+        for module in model.modules():
+            for hook in _hooks_of(module):
+                if getattr(hook, "offload", False):
+                    return cls("offload", execution_device=torch.device(hook.execution_device), onloaded=onloaded)
+        return cls("none")
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from accelerate import cpu_offload, dispatch_model
+
+        if self.kind == "offload":
+            model.to("cpu")
+            cpu_offload(model, execution_device=self.execution_device)
+        elif self.kind == "device_map":
+            device_map = {k: ("cpu" if v == "disk" else v) for k, v in self.device_map.items()}
+            if device_map != self.device_map:
+                logger.warning(
+                    "The rebuilt model keeps its disk-offloaded modules in CPU memory (the offload folder holds the "
+                    "old shapes); reload the saved model with your device_map to offload them again."
+                )
+            dispatch_model(model, device_map=device_map)
+        if self.onloaded:
+            model.hf_prune_onloaded = self.onloaded
+        return model
+
+
+def _has_offload(model: nn.Module) -> bool:
+    return any(getattr(h, "offload", False) for m in model.modules() for h in _hooks_of(m))
+
+
+def rebuild_model(
+    model: nn.Module,
+    build: Callable[[], nn.Module],
+    who: str,
+    *,
+    allow_missing: Callable[[str], bool] | None = None,
+    fill_missing: Callable[[nn.Module, str], torch.Tensor] | None = None,
+) -> nn.Module:
+    """The model ``build()`` makes (called under the meta device: no memory, no random init), holding ``model``'s
+    tensors as they are (dtype and device kept, offloaded ones read from their weights map), placed again the way
+    ``model`` was.
+
+    Args:
+        model: the edited model (its tensors already have the new shapes).
+        build: makes the new, empty model (e.g. ``lambda: type(model)(new_config)``).
+        who: the step, for error messages.
+        allow_missing: keys of the new model the old one may lack (filled by ``fill_missing``).
+        fill_missing: ``(owner module, leaf name) -> tensor`` for those keys (e.g. zero biases).
+    """
+    dispatch = Dispatch.of(model)
+    state = materialized_state_dict(model)
+    with torch.device("meta"):
+        new_model = build()
+    missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
+    del state
+    missing = [k for k in missing if not k.endswith(_IGNORED_MISSING)]
+    bad = [k for k in missing if allow_missing is None or not allow_missing(k)]
+    if bad or unexpected:
+        raise RuntimeError(f"{who}: the rebuilt model does not match: missing {bad[:5]}, unexpected {unexpected[:5]}")
+    for key in missing:
+        owner_name, _, leaf = key.rpartition(".")
+        owner = new_model.get_submodule(owner_name)
+        owner._parameters[leaf] = nn.Parameter(fill_missing(owner, leaf), requires_grad=False)
+    _carry_buffers(new_model, model)
+    if getattr(new_model.config, "tie_word_embeddings", False):
+        new_model.tie_weights()
+    for p in new_model.parameters():
+        p.requires_grad_(False)
+    new_model.eval()
+    if hasattr(model.config, "pruning_config"):
+        new_model.config.pruning_config = model.config.pruning_config
+    new_model.name_or_path = getattr(model, "name_or_path", "")
+    if getattr(model, "generation_config", None) is not None:
+        new_model.generation_config = model.generation_config
+    if dispatch.kind != "none":
+        dispatch.apply(new_model)
+    return new_model
+
+
+def _carry_buffers(new_model: nn.Module, old_model: nn.Module) -> None:
+    """Buffers the state dict does not hold (non-persistent rotary tables) come from the old model, on its device."""
+    old = dict(old_model.named_buffers())
+    for name, buf in list(new_model.named_buffers()):
+        if buf.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            module = new_model.get_submodule(owner) if owner else new_model
+            if name in old and old[name].device.type != "meta":
+                module._buffers[leaf] = old[name].clone()
+            else:
+                module._buffers[leaf] = _rebuilt_buffer(module, leaf, buf)
+
+
+def _rebuilt_buffer(module: nn.Module, leaf: str, meta: torch.Tensor) -> torch.Tensor:
+    """A buffer the old model did not have materialized: rebuild the module on the CPU to get its value."""
+    config = getattr(module, "config", None)
+    if config is not None:
+        try:
+            rebuilt = type(module)(config=config)
+            value = rebuilt._buffers.get(leaf)
+            if value is not None and value.shape == meta.shape:
+                return value
+        except Exception:  # noqa: BLE001 - fall back to zeros below, as transformers' own init would
+            pass
+    return torch.zeros(meta.shape, dtype=meta.dtype)
