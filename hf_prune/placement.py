@@ -223,10 +223,18 @@ def plan(
     adapter,
     device: str | torch.device | None = "auto",
     *,
+    onload: bool | str = "auto",
     nsamples: int = 128,
     seqlen: int = 2048,
 ) -> Placement:
-    """Decide where ``model`` is pruned (nothing is moved here; ``apply`` does it)."""
+    """Decide where ``model`` is pruned (nothing is moved here; ``apply`` does it).
+
+    Args:
+        device: ``auto``, ``cpu`` or a device (see ``resolve_device``).
+        onload: ``auto`` (onload only when the model does not fit the accelerator), ``True`` (always: weights stay
+            in host memory, one block at a time on the device), ``False`` (never: the whole model is moved).
+        nsamples, seqlen: the calibration, to size the room one block's work needs.
+    """
     from .calibration.engine import model_device
 
     storage = model_dtype(model)
@@ -237,11 +245,17 @@ def plan(
                 f"device={device!r}, but the model was dispatched by accelerate (device_map) with its blocks on "
                 f"{execution}. Drop device, or load the model without device_map."
             )
-        return Placement(execution, "in_place", storage, compute_dtype_for(execution, storage), "accelerate dispatch")
+        mode = "onloaded" if getattr(model, "hf_prune_onloaded", None) else "in_place"
+        return Placement(execution, mode, storage, compute_dtype_for(execution, storage), "accelerate dispatch kept")
     current = model_device(model)
     target = resolve_device(device)
-    if target == current or (device in (None, "auto") and current.type != "cpu"):
-        reason = "already there" if target == current else "already on an accelerator"
+    if device in (None, "auto") and current.type != "cpu":
+        target = current  # the user put it on an accelerator already
+    if onload is True:
+        reason = "onload: true (weights in host memory, each block onloaded while it is pruned)"
+        return Placement(target, "onloaded", storage, compute_dtype_for(target, storage), reason)
+    if target == current:
+        reason = "no accelerator: the CPU" if target.type == "cpu" and accelerator() is None else "already there"
         return Placement(current, "in_place", storage, compute_dtype_for(current, storage), reason)
     if target.type == "cpu":
         return Placement(target, "moved", storage, compute_dtype_for(target, storage), "device: cpu")
@@ -249,8 +263,10 @@ def plan(
 
     need = parameter_bytes(model) + calibration_headroom(model, adapter, nsamples, seqlen)
     free = available_memory_bytes(target)
-    if need <= FIT_FRACTION * free:
-        reason = f"model + one block's calibration work ({human_bytes(need)}) fits {human_bytes(free)} free"
+    if onload is False or need <= FIT_FRACTION * free:
+        reason = f"model + one block's calibration work: {human_bytes(need)}, {human_bytes(free)} free"
+        if need > FIT_FRACTION * free:
+            reason += " (onload: false: moved anyway)"
         return Placement(target, "moved", storage, storage, reason)
     reason = (
         f"model + one block's calibration work ({human_bytes(need)}) exceeds {human_bytes(free)} free on {target}: "

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import __version__, distributed, placement
 from .adapters import ModelAdapter
 from .assets import is_packaged, resolve_packaged_model
 from .checkpoint import assert_finite_parameters, atomic_write_folder, check_model_source, check_output_dir
@@ -186,8 +186,27 @@ class HFPruner:
         start = time.perf_counter()
         ctx = PruneContext(self.model, self.tokenizer, self.adapter, recipe.calibration, processor=self.processor)
         methods = [get_method(step.method).method_cls(step) for step in recipe.steps]
+        place = placement.plan(
+            self.model,
+            self.adapter,
+            recipe.device,
+            onload=recipe.onload,
+            nsamples=recipe.calibration.nsamples,
+            seqlen=ctx.seqlen(),
+        )
+        if place.mode == "onloaded" or placement.offloaded(self.model):
+            refused = [m.config.method for m in methods if not m.supports_offload]
+            if refused:
+                raise RecipeError(
+                    f"{', '.join(refused)} cannot run on a model whose weights are offloaded ({place.reason}): "
+                    "they edit tensors of every block at once. Give the step a device the whole model fits "
+                    "(device: cpu works anywhere), or load without offloading in the device_map."
+                )
         for method in methods:
             method.preflight(ctx)
+        placement.apply(self.model, place)
+        place.log()
+        ctx.placement = place
 
         total, nonzero = count_parameters(self.model)
         report = PruningReport(
@@ -196,6 +215,7 @@ class HFPruner:
             num_blocks=self.adapter.num_blocks,
             params_before=total,
             nonzero_before=nonzero,
+            placement=place.to_dict(),
         )
         if recipe.eval is not None and recipe.eval.dense:
             report.evaluation["perplexity_dense"] = self._eval_perplexity(recipe.eval)
@@ -207,6 +227,7 @@ class HFPruner:
             except Exception as exc:
                 self._failed = f"step {len(report.steps) + 1} ({method.config.method}) failed: {exc}"
                 raise
+            step_report.details["ran_on"] = place.describe()
             report.steps.append(step_report)
             self._applied.append(method)
             self.model = ctx.model  # a step may rebuild the model (slicing) or change its structure (depth)
@@ -383,6 +404,10 @@ class HFPruner:
                 save_adapter(
                     self._peft_model, tmp, self._heal["mask"], self.recipe.heal.seed if self.recipe.heal else 0
                 )
+            elif placement.offloaded(self.model) and "state_dict" not in kwargs:  # onloaded / CPU- or disk-offloaded
+                from .surgery import materialized_state_dict
+
+                self.model.save_pretrained(str(tmp), state_dict=materialized_state_dict(self.model), **kwargs)
             else:
                 self.model.save_pretrained(str(tmp), **kwargs)
             if self.processor is not None:

@@ -49,7 +49,8 @@ class OutputConfig(StrictConfig):
     streaming: bool = False
 
 
-RECIPE_KEYS = ("model", "calibration", "steps", "heal", "eval", "output")
+RECIPE_KEYS = ("model", "device", "onload", "calibration", "steps", "heal", "eval", "output")
+ONLOAD = ("auto", True, False)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Recipe:
     """A pruning recipe. Build it from a YAML path, a YAML string, or a dict::
 
     model: HuggingFaceTB/SmolLM2-135M
+    device: auto        # the accelerator if torch sees one (else the CPU); cpu, cuda, cuda:1 ... choose
+    onload: auto        # true: weights stay in host memory, one block at a time on the device (auto: when needed)
     calibration: {source: fortunes, nsamples: 32, seqlen: 512, seed: 0}
     steps:
       - {method: wanda, sparsity: 0.5, structure: "2:4"}
@@ -65,6 +68,8 @@ class Recipe:
     """
 
     model: str | None = None
+    device: str = "auto"
+    onload: Any = "auto"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     steps: list[StepConfig] = field(default_factory=list)
     heal: HealConfig | None = None
@@ -84,8 +89,16 @@ class Recipe:
         steps = [parse_step(step, i) for i, step in enumerate(steps_data)]
         eval_data = data.get("eval")
         heal_data = data.get("heal")
+        device = data.get("device", "auto")
+        if not isinstance(device, str):
+            raise RecipeError(f"device must be auto, cpu, cuda, cuda:N, xpu or mps; got {device!r}.")
+        onload = data.get("onload", "auto")
+        if onload not in ONLOAD or isinstance(onload, int) and not isinstance(onload, bool):
+            raise RecipeError(f"onload must be auto, true or false; got {onload!r}.")
         return cls(
             model=data.get("model"),
+            device=device,
+            onload=onload,
             calibration=CalibrationConfig.from_dict(data.get("calibration"), "calibration"),
             steps=steps,
             heal=HealConfig.from_dict(heal_data, "heal") if heal_data is not None else None,
@@ -122,6 +135,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "model": self.model,
+            "device": self.device,
+            "onload": self.onload,
             "calibration": self.calibration.to_dict(),
             "steps": [s.to_dict() for s in self.steps],
             "output": self.output.to_dict(),

@@ -65,6 +65,7 @@ class PruningReport:
     time_s: float = 0.0
     peak_rss_bytes: int = 0
     peak_cuda_bytes: int | None = None
+    placement: dict[str, Any] | None = None  # where the prune ran (device, mode, storage and compute dtypes)
     evaluation: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -95,6 +96,12 @@ class PruningReport:
                 f"- calibration: {c.get('nsamples')} x {c.get('seqlen')} tokens of `{c.get('source')}`, "
                 f"seed {c.get('seed')}"
             )
+        if self.placement:
+            p = self.placement
+            line = f"- ran on: {p['device']} ({p['mode']}), weights {p['storage_dtype']}"
+            if p["compute_dtype"] != p["storage_dtype"]:
+                line += f", blocks computed in {p['compute_dtype']}"
+            lines.append(line)
         lines += [
             f"- parameters: {self.params_before:,} -> {self.params_after:,}; non-zero {self.nonzero_before:,} -> "
             f"{self.nonzero_after:,} (model sparsity {self.sparsity:.2%})",

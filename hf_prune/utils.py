@@ -48,13 +48,32 @@ def peak_cuda_bytes() -> int | None:
 
 
 def available_memory_bytes(device: torch.device) -> int:
-    """Memory still free on `device` (CUDA free memory, or the host's available RAM)."""
+    """Memory still free on `device` (CUDA / XPU free memory, MPS's recommended budget left, or the host's
+    available RAM)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    if device.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
+        free, _ = torch.xpu.mem_get_info(device)
+        return int(free)
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def map_tensors(value, fn):
+    """``fn`` applied to every tensor inside ``value`` (a tensor or nested tuple/list/dict of them)."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..adapters import ModelAdapter
-from ..utils import available_memory_bytes, logger
+from ..utils import available_memory_bytes, logger, map_tensors
 from .offload import onloaded
 
 
@@ -51,6 +51,11 @@ class BlockCall:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _to_device(call: BlockCall, device: torch.device) -> BlockCall:
+    move = lambda t: t.to(device)  # noqa: E731
+    return BlockCall(map_tensors(call.args, move), map_tensors(call.kwargs, move), call.hidden_key)
+
+
 def model_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     param = next(iter(emb.parameters())) if emb is not None else next(iter(model.parameters()))
@@ -70,10 +75,13 @@ def estimate_block_bytes_per_sample(model: nn.Module, seqlen: int) -> int:
     return seqlen * per_token + attention
 
 
-def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, fraction: float = 0.35) -> int:
+def auto_batch_size(
+    model: nn.Module, nsamples: int, seqlen: int, fraction: float = 0.35, device: torch.device | None = None
+) -> int:
     """How many calibration samples one block forward may take: all of them if they fit in ``fraction`` of the
-    free memory of the model's device, else as many as fit (at least 1)."""
-    device = model_device(model)
+    free memory of the execution device (default the model's), else as many as fit (at least 1). The masks do not
+    depend on it (true-sequential runs per input group over the chunks)."""
+    device = device or model_device(model)
     budget = available_memory_bytes(device) * fraction
     per_sample = estimate_block_bytes_per_sample(model, seqlen)
     return int(max(1, min(nsamples, budget // max(per_sample, 1))))
@@ -128,6 +136,7 @@ class BlockwiseEngine:
         block_context: Callable = onloaded,
         activation_dtype: torch.dtype | None = None,
         activation_dir: str | None = None,
+        placement=None,
     ):
         self.model = model
         self.adapter = adapter
@@ -135,6 +144,7 @@ class BlockwiseEngine:
         self.block_context = block_context  # materializes a block while it is worked on (offload, streaming)
         self.activation_dtype = activation_dtype  # storage dtype of activations between blocks (None: as computed)
         self.activation_dir = activation_dir  # keep activations between blocks on disk, one file per chunk
+        self.placement = placement  # hf_prune.placement.Placement: execution device, compute dtype (None: as is)
         self.compute_dtype: torch.dtype | None = None
         self._inputs: list[torch.Tensor] | None = None
         self._calls: list[list[BlockCall]] | None = None
@@ -150,7 +160,8 @@ class BlockwiseEngine:
     ) -> BlockwiseEngine:
         n, seqlen = input_ids.shape
         if not batch_size:
-            batch_size = auto_batch_size(model, n, seqlen)
+            placement = options.get("placement")
+            batch_size = auto_batch_size(model, n, seqlen, device=placement.device if placement else None)
         batches = [{"input_ids": input_ids[i : i + batch_size]} for i in range(0, n, batch_size)]
         if len(batches) > 1:
             logger.info("Calibration runs in %d chunks of up to %d samples.", len(batches), batch_size)
@@ -207,6 +218,13 @@ class BlockwiseEngine:
                 "call its blocks in order. Please report the architecture."
             )
         self.compute_dtype = inputs[0].dtype
+        placement = self.placement
+        if placement is not None and placement.upcast is not None:
+            self.compute_dtype = placement.upcast  # blocks computed in float32 on a CPU without bf16/fp16 units
+        if placement is not None and placement.mode == "streaming" and placement.device != inputs[0].device:
+            # streamed blocks are loaded straight onto the execution device; nothing dispatches their inputs
+            inputs = [x.to(placement.device) for x in inputs]
+            calls = [[_to_device(c, placement.device) for c in block_calls] for block_calls in calls]
         self._inputs, self._calls = self._store(inputs, -1), calls
 
     def _store(self, chunks: list[torch.Tensor], index: int) -> Sequence[torch.Tensor]:
@@ -230,7 +248,8 @@ class BlockwiseEngine:
         for i in bar:
             started = time.perf_counter()
             step = BlockStep(self, i, self.adapter.blocks[i], inputs, self._calls[i])
-            with self.block_context(step.block):  # offloaded / streamed weights stay materialized meanwhile
+            # offloaded / streamed weights stay materialized meanwhile, in the compute dtype
+            with self.block_context(step.block), self._computing(step.block):
                 yield step
                 outputs = step.info.pop("outputs", None)
                 if outputs is None:
@@ -245,6 +264,9 @@ class BlockwiseEngine:
             inputs.remove()
             inputs = final
         self.final_hidden = inputs
+
+    def _computing(self, block: nn.Module):
+        return self.placement.computing(block) if self.placement is not None else nullcontext()
 
     def run(self, visit: Callable[[BlockStep], list[torch.Tensor] | None], desc: str = "blocks") -> list[torch.Tensor]:
         """Call ``visit(step)`` for every block; its return value (if not None) is the block's outputs."""

@@ -24,6 +24,9 @@ class PruningMethod(ABC):
     """One step of a recipe. Subclasses are registered with ``register_method``."""
 
     needs_calibration: bool = True
+    # False: the step edits tensors outside the block being walked (or copies the model), which offloaded weights
+    # (accelerate CPU/disk offload, hf_prune's onloading) cannot follow; such a recipe is refused before any work.
+    supports_offload: bool = True
 
     def __init__(self, config: StepConfig):
         self.config = config

@@ -29,6 +29,7 @@ class PruneContext:
     calibration: CalibrationConfig
     processor: Any = None
     block_context: Any = onloaded  # how a block is materialized while worked on (offload hooks, streaming)
+    placement: Any = None  # hf_prune.placement.Placement: where blocks run and in which dtype
     _windows: torch.Tensor | None = None
     _image_batches: list[dict] | None = None
     calibration_info: dict[str, Any] | None = None
@@ -69,6 +70,7 @@ class PruneContext:
         """The block-by-block engine over the calibration data (this rank's share of it in a data-parallel run)."""
         options = self.calibration.engine_options()
         options["block_context"] = self.block_context
+        options["placement"] = self.placement
         if self.uses_images():
             batches = self.image_batches()
             return BlockwiseEngine(self.model, self.adapter, batches[distributed.shard(len(batches))], **options)

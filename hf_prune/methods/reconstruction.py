@@ -26,6 +26,7 @@ from ..adapters import WeightRef
 from ..calibration.engine import BlockCall, BlockStep
 from ..configuration import StrictConfig
 from ..errors import RecipeError
+from ..utils import map_tensors
 
 SOLVERS = ("adam",)
 
@@ -77,19 +78,6 @@ def parse_reconstruct(value) -> ReconstructConfig | None:
 
 
 # ---- pure helpers -------------------------------------------------------------------------------------------------
-def map_tensors(value, fn):
-    """``fn`` applied to every tensor inside ``value`` (a tensor or nested tuple/list/dict of them)."""
-    if torch.is_tensor(value):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(map_tensors(v, fn) for v in value)
-    if isinstance(value, list):
-        return [map_tensors(v, fn) for v in value]
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    return value
-
-
 def slice_rows(value, rows: slice, batch: int):
     """``value`` restricted to the calibration rows ``rows``: every tensor of two or more dimensions whose first
     dimension is the chunk's batch size is sliced; the rest (rotary tables shared by the batch, cache positions,

@@ -149,6 +149,7 @@ class ShrinkMethod(PruningMethod):
     """Try each depth/width mix that reaches the target, keep the one with the lowest held-out perplexity."""
 
     config: ShrinkConfig
+    supports_offload = False  # edits every block at once / copies the model
 
     def preflight(self, ctx: PruneContext) -> None:
         c = self.config

@@ -403,65 +403,81 @@ class WeightPruningMethod(PruningMethod):
         """True-sequential order when the calibration runs in several chunks: one pass over every chunk per group of
         targets that read the same input (q/k/v, then o, then gate/up, then down; the routed experts as one group),
         each pass stopping at the first target not of its group; the group is pruned after its pass, so the next
-        group is calibrated on the pruned group's outputs. The masks equal the one-chunk run's, up to summation
-        order; the engine runs the pruned block for the next block's inputs."""
-        linears = split_refs(refs)[0]
+        group is calibrated on the pruned group's outputs. The masks equal the one-chunk run's up to summation order
+        ; the engine then runs the pruned
+        block for the next block's inputs."""
+        linears, expert_refs = split_refs(refs)
         done: set[str] = set()
-        experts_done = experts is None
         experts_module = None
         if experts is not None:  # fused tensors: the experts module is called; a ModuleList: its parent is
             experts_module = experts.experts if experts.fused else experts._parent.module
         while True:
-            group: dict[str, LinearRef] = {}
-            state: dict[str, Any] = {"input": None, "experts": False, "stats": None, "chunk": 0}
-
-            def linear_hook(ref: LinearRef):
-                def hook(module, args):
-                    if ref.name in done:
-                        return
-                    x = args[0]
-                    if state["chunk"] == 0 and not state["experts"]:
-                        if state["input"] is None:
-                            state["input"], state["stats"] = weakref.ref(x), _SharedStats(self.make_stats(ref))
-                        if state["input"]() is x:
-                            group[ref.name] = ref
-                    if ref.name not in group:
-                        raise _StopBlock
-                    state["stats"].update(x)
-
-                return hook
-
-            def experts_hook(module, args, kwargs):
-                if state["chunk"] == 0 and state["input"] is None:
-                    state["experts"] = True
-                raise _StopBlock  # the experts' statistics come from their own pass below
-
-            handles = [r.module.register_forward_pre_hook(linear_hook(r)) for r in linears if r.name not in done]
-            if not experts_done:
-                handles.append(experts_module.register_forward_pre_hook(experts_hook, with_kwargs=True))
-            with hooks(handles):
-                for j in range(step.num_chunks):
-                    state["chunk"] = j
-                    try:
-                        step.forward_chunk(j)
-                    except _StopBlock:
-                        pass
-                    if state["experts"]:
-                        break
-            if state["experts"]:
-                experts.accumulate()
-                for ref in split_refs(refs)[1]:
-                    if ref.name in experts.stats:
-                        report.modules.append(self._prune_ref(ref, experts.stats.pop(ref.name), sparsity))
-                        done.add(ref.name)
-                experts_done = True
+            group, stats, reached_experts = self._next_group(
+                step, [r for r in linears if r.name not in done], experts_module
+            )
+            if reached_experts:  # gate/up over every chunk, pruned; then down on the pruned gate/up's outputs
+                readers = [r for r in expert_refs if r.role != "expert_down"]
+                down = [r for r in expert_refs if r.role == "expert_down"]
+                for part in (readers, down):
+                    if not part:
+                        continue
+                    stage = ExpertStatistics(
+                        step, experts.spec, part, self.make_stats, experts.mode, experts.min_tokens
+                    )
+                    stage.accumulate()
+                    experts.tokens, experts.fallback = stage.tokens, stage.fallback
+                    for ref in part:
+                        if ref.name in stage.stats:
+                            report.modules.append(self._prune_ref(ref, stage.stats.pop(ref.name), sparsity))
+                            done.add(ref.name)
+                experts_module = None
                 continue
             if not group:
                 break
-            for ref in group.values():
-                report.modules.append(self._prune_ref(ref, state["stats"].stats, sparsity))
+            for ref in group:
+                report.modules.append(self._prune_ref(ref, stats, sparsity))
                 done.add(ref.name)
         self._prune_missed(refs, done, report)
+
+    def _next_group(self, step: BlockStep, pending: list[LinearRef], experts_module):
+        """One pass over every chunk that calibrates the first group of ``pending`` targets the block reaches (those
+        reading the same input tensor). Returns (the group, its statistics, whether the experts module came first)."""
+        group: dict[str, LinearRef] = {}
+        state: dict[str, Any] = {"input": None, "stats": None, "first": True, "experts": False}
+
+        def linear_hook(ref: LinearRef):
+            def hook(module, args):
+                x = args[0]
+                if state["first"] and not state["experts"]:
+                    if state["input"] is None:
+                        state["input"], state["stats"] = weakref.ref(x), _SharedStats(self.make_stats(ref))
+                    if state["input"]() is x:
+                        group[ref.name] = ref
+                if ref.name not in group:
+                    raise _StopBlock
+                state["stats"].update(x)
+
+            return hook
+
+        def experts_hook(module, args, kwargs):
+            if state["first"] and state["input"] is None:
+                state["experts"] = True
+            raise _StopBlock  # the experts' statistics come from their own pass
+
+        handles = [r.module.register_forward_pre_hook(linear_hook(r)) for r in pending]
+        if experts_module is not None:
+            handles.append(experts_module.register_forward_pre_hook(experts_hook, with_kwargs=True))
+        with hooks(handles):
+            for j in range(step.num_chunks):
+                state["first"] = j == 0
+                try:
+                    step.forward_chunk(j)
+                except _StopBlock:
+                    pass
+                if state["experts"]:
+                    return [], None, True
+        stats = state["stats"].stats if state["stats"] is not None else None
+        return list(group.values()), stats, False
 
     def _two_pass(self, step: BlockStep, refs, sparsity: float, report: StepReport, experts) -> None:
         """Collect statistics over every chunk of the dense block, then prune; the engine re-runs the block."""

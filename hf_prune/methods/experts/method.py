@@ -13,7 +13,6 @@ from ...adapters import ModelAdapter
 from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import hooks
 from ...calibration.experts import ExpertCall, expert_call_hooks, expert_output
-from ...calibration.offload import offload_hooks
 from ...errors import RecipeError
 from ...report import StepReport
 from ...utils import logger
@@ -78,6 +77,7 @@ class ExpertsMethod(PruningMethod):
     """
 
     config: ExpertsConfig
+    supports_offload = False  # edits every block at once / copies the model
     removed: dict[int, list[int]] | None = None
 
     @property
@@ -140,11 +140,6 @@ class ExpertsMethod(PruningMethod):
 
     def preflight(self, ctx: PruneContext) -> None:
         self._plan(ctx.adapter)
-        if any(True for _ in offload_hooks(ctx.model)):
-            raise RecipeError(
-                "experts: removing experts changes tensor shapes, which accelerate's offloaded weights cannot follow. "
-                "Load the model without offloading (device_map on GPUs/CPU only) for this step."
-            )
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: PruneContext) -> StepReport:

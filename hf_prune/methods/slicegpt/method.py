@@ -91,6 +91,7 @@ class SliceGPTMethod(PruningMethod):
     """Width slicing by PCA rotation (SliceGPT). Families: llama, mistral, qwen2, qwen3, phi3, opt."""
 
     config: SliceGPTConfig
+    supports_offload = False  # edits every block at once / copies the model
 
     # ------------------------------------------------------------------ checks
     def preflight(self, ctx: PruneContext) -> None:

@@ -1,0 +1,154 @@
+"""Where a prune runs: device selection, sequential onloading (weights in host memory, one block at a time on the
+execution device), accelerate offload for every step, compute dtype on CPUs without bf16, and masks that do not
+depend on the calibration batch size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import cpu_offload
+from transformers import AutoModelForCausalLM
+
+from hf_prune import HFPruner, placement
+from hf_prune.errors import RecipeError
+from hf_prune.recipe import Recipe
+
+from .conftest import make_tiny_model
+
+IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
+
+STEPS = {
+    "magnitude": {"method": "magnitude", "sparsity": 0.5},
+    "wanda": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt-2of4": {"method": "sparsegpt", "structure": "2:4"},
+    "owl": {"method": "wanda", "sparsity": 0.6, "sparsity_profile": "owl", "owl_lambda": 0.05},
+    "reconstruct": {"method": "wanda", "structure": "2:4", "reconstruct": {"batch_size": 2}},
+    "width-mlp": {"method": "width", "mlp": 0.5},
+    "width-bias": {"method": "width", "mlp": 0.5, "compensate": "bias"},
+    "width-heads": {"method": "width", "heads": 0.5},
+    "width-per-block": {"method": "width", "mlp": 0.5, "per_block": True},
+    "depth": {"method": "depth", "num_blocks": 1},
+}
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _in_memory(tokenizer, recipe):
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, recipe)
+    pruner.prune()
+    return pruner
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_onloaded_prune_equals_in_memory(name, tokenizer, tiny_recipe, tmp_path):
+    """onload: true keeps the weights in host memory (accelerate hooks, meta tensors between forwards) and brings
+    each block onto the execution device while it is worked on: the same weights as the in-memory prune, structural
+    steps included, and a checkpoint that reloads to the same logits."""
+    reference = _in_memory(tokenizer, tiny_recipe(STEPS[name]))
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, tiny_recipe(STEPS[name], onload=True, device="cpu"))
+    report = pruner.prune()
+    assert report.placement["mode"] == "onloaded"
+    assert "onloaded" in report.steps[0].details["ran_on"]
+    if not name.startswith("width"):  # width rebuilds the model and dispatches it again the same way
+        assert pruner.model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    assert getattr(pruner.model, "hf_prune_onloaded", None) == "cpu"
+    assert torch.allclose(_logits(pruner.model), _logits(reference.model), atol=1e-5, rtol=1e-4)
+    out = pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=name == "width-per-block")
+    assert torch.allclose(_logits(reloaded), _logits(reference.model), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["width-mlp", "width-heads", "width-per-block"])
+def test_cpu_offloaded_structural_steps_keep_the_offload(name, tokenizer, tiny_recipe):
+    """A model the user wrapped with accelerate.cpu_offload: width rebuilds it and offloads the result again."""
+    reference = _in_memory(tokenizer, tiny_recipe(STEPS[name]))
+    model = cpu_offload(make_tiny_model("llama"), execution_device="cpu")
+    pruner = HFPruner(model, tokenizer, tiny_recipe(STEPS[name]))
+    pruner.prune()
+    assert pruner.model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # offloaded again
+    assert torch.allclose(_logits(pruner.model), _logits(reference.model), atol=1e-5, rtol=1e-4)
+
+
+def test_disk_offloaded_width_prunes_and_reloads(tmp_path, tokenizer, tiny_recipe):
+    src = tmp_path / "src"
+    make_tiny_model("llama").save_pretrained(src)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    model = AutoModelForCausalLM.from_pretrained(src, device_map=device_map, offload_folder=str(tmp_path / "off"))
+    reference = _in_memory(tokenizer, tiny_recipe(STEPS["width-mlp"]))
+    pruner = HFPruner(model, tokenizer, tiny_recipe(STEPS["width-mlp"]))
+    pruner.prune()
+    assert pruner.model.config.intermediate_size == 64
+    got = _logits(pruner.model)
+    assert torch.allclose(got, _logits(reference.model), atol=1e-5, rtol=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
+    assert torch.allclose(_logits(reloaded), got, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [{"method": "slicegpt", "slicing": 0.25}, {"method": "shrink", "params": 0.8}])
+def test_steps_that_cannot_follow_offloaded_weights_are_refused_before_any_work(step, tokenizer, tiny_recipe):
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match="offloaded"):
+        HFPruner(model, tokenizer, tiny_recipe(step, onload=True, device="cpu")).prune()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not placement.is_dispatched(model)  # refused before anything moved
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt2"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_masks_do_not_depend_on_the_calibration_batch_size(family, method, tokenizer, tiny_recipe):
+    """True-sequential with chunked calibration (one pass per group of linears sharing an input): the same masks
+    as one forward per block, whatever batch size memory allows (>= 99.9% of entries; the rest summation order)."""
+    masks = {}
+    for batch_size in (0, 1, 3):
+        model = make_tiny_model(family)
+        recipe = tiny_recipe({"method": method, "sparsity": 0.5}, nsamples=6)
+        recipe["calibration"]["batch_size"] = batch_size
+        report = HFPruner(model, tokenizer, recipe).prune()
+        assert report.steps[0].details["order"].startswith("true-sequential")
+        masks[batch_size] = {n: p == 0 for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n}
+    total = sum(m.numel() for m in masks[0].values())
+    for batch_size in (1, 3):
+        equal = sum(int((masks[0][k] == masks[batch_size][k]).sum()) for k in masks[0])
+        assert equal / total >= 0.999, (batch_size, equal / total)
+    if family != "qwen3_moe":  # dense linears: exactly equal
+        assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_device_choice_without_an_accelerator(tokenizer):
+    model = make_tiny_model("llama")
+    adapter = HFPruner(model, tokenizer, {"steps": []}).adapter
+    if placement.accelerator() is None:
+        assert placement.resolve_device("auto") == torch.device("cpu")
+        p = placement.plan(model, adapter, "auto")
+        assert (p.device, p.mode) == (torch.device("cpu"), "in_place")
+        with pytest.raises(RecipeError, match="no CUDA"):
+            placement.resolve_device("cuda")
+    with pytest.raises(RecipeError, match="device must be"):
+        placement.resolve_device("tpu:0")
+    with pytest.raises(RecipeError, match="onload must be"):
+        Recipe.from_dict({"onload": "sometimes"})
+    assert Recipe.from_dict({"device": "cpu", "onload": True}).to_dict()["onload"] is True
+
+
+def test_bf16_on_a_cpu_without_bf16_units_computes_blocks_in_float32(tokenizer, tiny_recipe, monkeypatch):
+    """Detected from the CPU's flags: bf16 weights are stored bf16, each block computed in float32 while pruned."""
+    monkeypatch.setattr(placement, "_cpu_flags", lambda: frozenset({"avx2"}))
+    model = make_tiny_model("llama").to(torch.bfloat16)
+    report = HFPruner(model, tokenizer, tiny_recipe(STEPS["sparsegpt-2of4"])).prune()
+    assert report.placement["storage_dtype"] == "bfloat16" and report.placement["compute_dtype"] == "float32"
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    monkeypatch.setattr(placement, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert placement.compute_dtype_for(torch.device("cpu"), torch.bfloat16) == torch.bfloat16
+    assert placement.compute_dtype_for(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
