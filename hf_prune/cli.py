@@ -37,9 +37,29 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="local folder, Hub id, or packaged:<name>")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype when loading")
-    p.add_argument("--device-map", help="accelerate device_map, e.g. auto, cpu, cuda:0")
+    p.add_argument("--device-map", help="accelerate device_map, e.g. auto, cpu, cuda:0 (then --device is not used)")
+    p.add_argument(
+        "--device",
+        help="where to run: auto (default: the GPU/accelerator if torch sees one, else the CPU), cpu, cuda, cuda:1",
+    )
+    p.add_argument(
+        "--onload",
+        action="store_true",
+        default=None,
+        help="keep the weights in host memory and bring one block at a time onto the device (default: only when "
+        "the model does not fit)",
+    )
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _placement_into(recipe: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """--device / --onload into a recipe dict (a device_map dispatch keeps its own placement)."""
+    if args.device:
+        recipe["device"] = args.device
+    if args.onload:
+        recipe["onload"] = True
+    return recipe
 
 
 def _step_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +139,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         recipe_dict["calibration"]["batch_size"] = args.batch_size
     if args.eval:
         recipe_dict["eval"] = {"source": args.eval_text, "seqlen": args.eval_seqlen, "max_windows": args.eval_windows}
+    _placement_into(recipe_dict, args)
     recipe = Recipe.from_dict(recipe_dict)
     _check_before_loading(args.model, args.output, args.overwrite)
     if args.streaming:
@@ -134,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     recipe = Recipe.from_yaml(args.recipe)
     if args.model:
         recipe.model = args.model
+    if args.device or args.onload:
+        recipe = Recipe.from_dict(_placement_into(recipe.to_dict(), args))
     _check_before_loading(recipe.model, args.output or recipe.output.dir, args.overwrite or recipe.output.overwrite)
     if recipe.output.streaming:
         return _streaming(
@@ -148,11 +171,18 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
+    from . import placement
+    from .adapters import ModelAdapter
     from .eval.perplexity import PERPLEXITY_CONVENTION, perplexity
     from .pruner import load_model_and_tokenizer
 
     _check_before_loading(args.model, None, False)
     model, tokenizer = load_model_and_tokenizer(args.model, **_model_kwargs(args))
+    place = placement.plan(
+        model, ModelAdapter(model), args.device, onload=bool(args.onload) or "auto", nsamples=1, seqlen=args.seqlen
+    )
+    placement.apply(model, place)
+    place.log()
     ppl = perplexity(model, tokenizer, args.text, args.seqlen, args.max_windows, args.batch_size)
     result = {
         "model": args.model,

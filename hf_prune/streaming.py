@@ -29,6 +29,7 @@ from .checkpoint import atomic_write_folder, check_output_dir
 from .checkpoint_layout import to_checkpoint_layout, to_model_layout
 from .errors import HFPruneError, PruningCheckError, RecipeError
 from .methods.context import PruneContext
+from .placement import Placement, compute_dtype_for, model_dtype, resolve_device
 from .recipe import Recipe
 from .registry import get_method
 from .report import PruningReport
@@ -61,13 +62,13 @@ class ShardedCheckpoint:
     def keys(self, prefix: str = "") -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
 
-    def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+    def load(self, keys: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.weight_map[key], []).append(key)
         out = {}
         for file, names in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
+            with safe_open(str(self.folder / file), framework="pt", device=str(device)) as f:
                 for name in names:
                     out[name] = f.get_tensor(name)
         return out
@@ -112,8 +113,9 @@ def _materialize_outside_blocks(model: nn.Module, adapter: ModelAdapter, ckpt: S
 class StreamingBlocks:
     """Loads block i from the checkpoint on entry, writes it to the output shard on exit, then frees it."""
 
-    def __init__(self, adapter: ModelAdapter, ckpt: ShardedCheckpoint, out: Path, n_shards: int):
+    def __init__(self, adapter: ModelAdapter, ckpt: ShardedCheckpoint, out: Path, n_shards: int, device: torch.device):
         self.adapter, self.ckpt, self.out, self.n_shards = adapter, ckpt, out, n_shards
+        self.device = device  # the execution device: shards are read straight onto it
         self.written: dict[int, list[str]] = {}
         for block in adapter.blocks:
             buffers = {n for n, _ in block.named_buffers()}
@@ -131,7 +133,7 @@ class StreamingBlocks:
         i = next(j for j, b in enumerate(self.adapter.blocks) if b is block)
         prefix = f"{self.adapter.block_name(i)}."
         tensors = to_model_layout(self.adapter.model, self._read(i, prefix))
-        block.to_empty(device="cpu")
+        block.to_empty(device=self.device)
         missing, unexpected = block.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=False)
         if missing or unexpected:
             raise HFPruneError(
@@ -148,13 +150,13 @@ class StreamingBlocks:
     def _read(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
         """Block i as the previous step left it (its output shard), or from the source checkpoint the first time."""
         if i not in self.written:
-            return self.ckpt.load(self.ckpt.keys(prefix))
-        with safe_open(str(self.out / self.shard_name(i)), framework="pt", device="cpu") as f:
+            return self.ckpt.load(self.ckpt.keys(prefix), device=self.device)
+        with safe_open(str(self.out / self.shard_name(i)), framework="pt", device=str(self.device)) as f:
             return {name: f.get_tensor(name) for name in f.keys()}
 
     def write(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.adapter.block_name(i)}."
-        state = {prefix + k: v.detach().contiguous() for k, v in block.state_dict().items()}
+        state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
         state = {k: v.contiguous() for k, v in to_checkpoint_layout(self.adapter.model, state).items()}
         for name, value in state.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -170,6 +172,7 @@ def prune_streaming(
     *,
     overwrite: bool = False,
     tokenizer: Any = None,
+    device: str | torch.device | None = None,
 ) -> PruningReport:
     """Prune a safetensors checkpoint block by block without loading the model, writing the result to
     ``output_dir`` (a normal sharded HF checkpoint with ``pruning_config``).
@@ -180,6 +183,7 @@ def prune_streaming(
         output_dir: the new checkpoint folder (never the input one).
         overwrite: replace a non-empty output folder.
         tokenizer: default the checkpoint's own.
+        device: where each block is pruned (default the recipe's ``device``: ``auto``, the accelerator if any).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -210,17 +214,27 @@ def prune_streaming(
     _materialize_outside_blocks(model, adapter, ckpt)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(folder)
     methods = [get_method(s.method).method_cls(s) for s in recipe.steps]
-    ctx = PruneContext(model, tokenizer, adapter, recipe.calibration)
+    execution = resolve_device(device if device is not None else recipe.device)
+    storage = model_dtype(model)
+    place = Placement(
+        execution, "streaming", storage, compute_dtype_for(execution, storage), "blocks read from the shards"
+    )
+    ctx = PruneContext(model, tokenizer, adapter, recipe.calibration, placement=place)
     for method in methods:
         method.preflight(ctx)
+    place.log()
     n_shards = adapter.num_blocks + 1
-    report = PruningReport(model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks)
+    report = PruningReport(
+        model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks, placement=place.to_dict()
+    )
 
     def write(tmp: Path) -> None:
-        blocks = StreamingBlocks(adapter, ckpt, tmp, n_shards)
+        blocks = StreamingBlocks(adapter, ckpt, tmp, n_shards, execution)
         ctx.block_context = blocks
         for method in methods:
-            report.steps.append(method.run(ctx))
+            step_report = method.run(ctx)
+            step_report.details["ran_on"] = place.describe()
+            report.steps.append(step_report)
         for i in range(adapter.num_blocks):  # blocks no step touched are copied as they are
             if i not in blocks.written:
                 with blocks(adapter.blocks[i]):

@@ -68,28 +68,31 @@ class HessianStats:
 
 
 class CosineStats:
-    """Mean cosine similarity between two hidden-state streams, over all tokens or the last token of each row."""
+    """Mean cosine similarity between two hidden-state streams, over all tokens or the last token of each row.
+
+    Accumulates 1 - cos = ||a/|a| - b/|b|||^2 / 2 in float32 per token (accurate near cos = 1, where arccos is steep,
+    without a float64 copy of the activations) and sums it in float64."""
 
     def __init__(self, last_token_only: bool = False):
         self.last_token_only = last_token_only
-        self.total = 0.0
+        self.gap = 0.0  # sum over tokens of 1 - cos
         self.count = 0
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         if self.last_token_only:
             a, b = a[:, -1, :], b[:, -1, :]
-        a = a.reshape(-1, a.shape[-1]).double()  # float64: arccos is steep near cos = 1
-        b = b.reshape(-1, b.shape[-1]).to(a.device).double()
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
-        self.total += float(cos.double().sum())
-        self.count += cos.numel()
+        a = torch.nn.functional.normalize(a.reshape(-1, a.shape[-1]).float(), dim=-1)
+        b = torch.nn.functional.normalize(b.reshape(-1, b.shape[-1]).to(a.device).float(), dim=-1)
+        gap = (a - b).pow(2).sum(dim=-1).mul_(0.5).clamp_(0.0, 2.0)
+        self.gap += float(gap.sum(dtype=torch.float64))
+        self.count += gap.numel()
 
     def all_reduce(self) -> None:
         if distributed.active() and not getattr(self, "_reduced", False):
-            self.total, self.count = distributed.all_reduce_numbers(self.total, self.count)
+            self.gap, self.count = distributed.all_reduce_numbers(self.gap, self.count)
             self._reduced = True
 
     @property
     def mean(self) -> float:
         self.all_reduce()
-        return self.total / max(self.count, 1)
+        return 1.0 - self.gap / max(self.count, 1)

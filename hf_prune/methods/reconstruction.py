@@ -98,8 +98,8 @@ class Sample:
     call: BlockCall
     target: torch.Tensor
 
-    def error(self, block: nn.Module) -> torch.Tensor:
-        """Sum of squared differences between the block's output and the target."""
+    def error(self, block) -> torch.Tensor:
+        """Sum of squared differences between the block's (or a callable's) output and the target."""
         out = self.call.invoke(block, self.hidden)
         return (out.float() - self.target.float()).pow(2).sum()
 
@@ -123,7 +123,11 @@ def make_samples(step: BlockStep, targets: list[torch.Tensor], batch_size: int, 
 class MaskedWeights:
     """The parameters holding a block's pruned matrices, with the entries the refit may change: surviving (nonzero)
     entries of the target matrices only. A fused experts parameter whose other matrices are not targets keeps
-    those fixed."""
+    those fixed.
+
+    The refit trains float32 master copies (the parameters themselves when they are float32): a bf16/fp16 block
+    keeps computing in its own dtype (the attention kernels see the dtype they support), the masters are cast to it
+    in every forward, and ``commit`` rounds them into the parameters at the end."""
 
     def __init__(self, refs: list[WeightRef]):
         params: dict[int, nn.Parameter] = {}
@@ -138,51 +142,71 @@ class MaskedWeights:
         self.params = list(params.values())
         self.free = [masks[id(p)] & (p.data != 0) for p in self.params]  # targets' surviving entries
         self.pruned = [p.data.clone() for p in self.params]  # the values as masked, before any refit
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+
+    @property
+    def separate_masters(self) -> bool:
+        return any(m is not p for m, p in zip(self.masters, self.params))
 
     def restore(self) -> None:
         """Every entry back to its value as masked (a refit that did not help)."""
         for p, s in zip(self.params, self.pruned):
             p.data.copy_(s)
 
+    def commit(self) -> None:
+        """The trained masters into the parameters (rounded to their dtype; zeros stay exact zeros)."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.data.copy_(m.detach().to(p.dtype))
+
     def scales(self) -> list[float]:
         """RMS of each parameter's free entries (Adam's step is set relative to it)."""
         return [
-            float(p.data[m].float().pow(2).mean().sqrt()) if m.any() else 0.0 for p, m in zip(self.params, self.free)
+            float(v.data[m].float().pow(2).mean().sqrt()) if m.any() else 0.0 for v, m in zip(self.masters, self.free)
         ]
 
     def mask_gradients(self) -> None:
-        for p, m in zip(self.params, self.free):
-            if p.grad is not None:
-                p.grad.mul_(m)
+        for v, m in zip(self.masters, self.free):
+            if v.grad is not None:
+                v.grad.mul_(m)
 
     def reapply(self) -> None:
         """Entries outside the free set back to their pruned values (exact zeros stay zeros)."""
-        for p, m, s in zip(self.params, self.free, self.pruned):
-            p.data.copy_(torch.where(m, p.data, s.to(p.dtype)))
+        for v, m, s in zip(self.masters, self.free, self.pruned):
+            v.data.copy_(torch.where(m, v.data, s.to(v.dtype)))
+
+    def trainable(self) -> list[torch.Tensor]:
+        for v in self.masters:
+            v.requires_grad_(True)
+        return self.masters
+
+    def forward_with_masters(self, block: nn.Module):
+        """``block`` as a callable that computes with the masters cast to the parameters' dtypes."""
+        if not self.separate_masters:
+            return block
+        names = {id(p): n for n, p in block.named_parameters()}
+        pairs = [(names[id(p)], p.dtype, m) for p, m in zip(self.params, self.masters)]
+
+        def call(*args, **kwargs):
+            overrides = {name: m.to(dtype) for name, dtype, m in pairs}
+            return torch.func.functional_call(block, overrides, args, kwargs)
+
+        return call
 
 
 @contextmanager
-def trainable_only(block: nn.Module, params: list[nn.Parameter], dtype: torch.dtype) -> Iterator[None]:
-    """Gradients for ``params`` only, the block computed in ``dtype`` (float32 for a bf16/fp16 model), and every
-    parameter back to its own dtype and requires_grad afterwards."""
+def trainable_only(block: nn.Module) -> Iterator[None]:
+    """No parameter of ``block`` needs a gradient during the refit (the masters do); flags and gradients back
+    afterwards."""
     flags = {id(p): p.requires_grad for p in block.parameters()}
-    dtypes = {id(p): p.dtype for p in block.parameters()}
-    keep = {id(p) for p in params}
     for p in block.parameters():
-        p.requires_grad_(id(p) in keep)
-    cast = any(p.is_floating_point() and p.dtype != dtype for p in block.parameters())
-    if cast:
-        for p in block.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
+        p.requires_grad_(False)
     try:
         yield
     finally:
         for p in block.parameters():
             p.grad = None
             p.requires_grad_(flags[id(p)])
-            if cast and p.dtype != dtypes[id(p)]:
-                p.data = p.data.to(dtypes[id(p)])
 
 
 def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -194,20 +218,25 @@ def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> fl
 def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample], config: ReconstructConfig) -> int:
     """Adam on the block's output error, masks fixed; returns the number of steps taken."""
     scales = weights.scales()
-    groups = [{"params": [p], "lr": config.lr * max(s, 1e-8)} for p, s in zip(weights.params, scales)]
+    trainable = weights.trainable()
+    groups = [{"params": [v], "lr": config.lr * max(s, 1e-8)} for v, s in zip(trainable, scales)]
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), eps=1e-12)
     generator = torch.Generator().manual_seed(config.seed)
+    forward = weights.forward_with_masters(block)
     steps = 0
     for _ in range(config.epochs):
         for j in torch.randperm(len(samples), generator=generator).tolist():
             sample = samples[j]
             optimizer.zero_grad(set_to_none=True)
-            loss = sample.error(block) / sample.target.numel()
+            loss = sample.error(forward) / sample.target.numel()
             loss.backward()
             weights.mask_gradients()
             optimizer.step()
             weights.reapply()
             steps += 1
+    for v in trainable:
+        v.grad = None
+    weights.commit()
     return steps
 
 
@@ -226,8 +255,8 @@ def reconstruct_block(
         pruned_outputs = step.forward()
     before = output_error(pruned_outputs, targets)
     weights = MaskedWeights(refs)
-    samples = make_samples(step, targets, config.batch_size, torch.float32)
-    with trainable_only(step.block, weights.params, torch.float32), torch.enable_grad():
+    samples = make_samples(step, targets, config.batch_size, step.engine.compute_dtype or step.inputs[0].dtype)
+    with trainable_only(step.block), torch.enable_grad():
         steps = refit_block(step.block, weights, samples, config)
     del samples
     finite = all(bool(torch.isfinite(p.data).all()) for p in weights.params)

@@ -169,9 +169,14 @@ class SliceGPTMethod(PruningMethod):
     # ------------------------------------------------------------------ 2. bases
     @staticmethod
     def _cov(chunks: list[torch.Tensor]) -> torch.Tensor:
-        """X^T X over the chunks (and over the ranks of a data-parallel run)."""
-        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()
-        return distributed.all_reduce_sum(x.t() @ x)
+        """X^T X over the chunks (and over the ranks of a data-parallel run): a running sum, one chunk at a time,
+        each product in float32 (no float64 copy of any activation), the d x d sum in float64."""
+        cov = None
+        for chunk in chunks:
+            x = chunk.reshape(-1, chunk.shape[-1]).float()
+            part = (x.t() @ x).double()
+            cov = part if cov is None else cov.add_(part)
+        return distributed.all_reduce_sum(cov)
 
     @torch.no_grad()
     def shared_basis(self, engine: BlockwiseEngine) -> torch.Tensor:

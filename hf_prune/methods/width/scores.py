@@ -27,9 +27,10 @@ class ChannelStats:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
-        self.sq_sum += (x * x).sum(0, dtype=torch.float64)
+        # per-chunk sums in float32 (no float64 copy of the activations), accumulated in float64
+        self.sum += x.sum(0).double()
+        self.abs_sum += x.abs().sum(0).double()
+        self.sq_sum += (x * x).sum(0).double()
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
         self.tokens += x.shape[0]
