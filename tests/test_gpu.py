@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from hf_prune import HFPruner
 
 from .conftest import make_tiny_model
+from .method_matrix import DENSE, MOE, zeros_of
 
 DEVICE = os.environ.get("HF_PRUNE_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -30,38 +31,12 @@ TYPE = torch.device(DEVICE).type
 
 IDS = torch.randint(0, 3000, (2, 32), generator=torch.Generator().manual_seed(3))
 
-DENSE = {
-    "magnitude": {"method": "magnitude", "sparsity": 0.5},
-    "wanda-50": {"method": "wanda", "sparsity": 0.5},
-    "wanda-2of4": {"method": "wanda", "structure": "2:4"},
-    "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
-    "sparsegpt-2of4": {"method": "sparsegpt", "structure": "2:4"},
-    "owl": {"method": "wanda", "sparsity": 0.6, "sparsity_profile": "owl", "owl_lambda": 0.05},
-    "reconstruct": {"method": "sparsegpt", "structure": "2:4", "reconstruct": {"batch_size": 2}},
-    "width-ls": {"method": "width", "mlp": 0.5},
-    "width-bias": {"method": "width", "mlp": 0.5, "compensate": "bias"},
-    "width-per-block": {"method": "width", "mlp": 0.5, "per_block": True},
-    "width-heads": {"method": "width", "heads": 0.5},
-    "depth": {"method": "depth", "num_blocks": 1},
-    "shrink": {"method": "shrink", "params": 0.99, "depth_shares": [0, 1], "eval_nsamples": 2},
-    "slicegpt": {"method": "slicegpt", "slicing": 0.25},
-}
-MOE = {
-    "moe-wanda": {"method": "wanda", "sparsity": 0.5},
-    "moe-sparsegpt-2of4": {"method": "sparsegpt", "structure": "2:4"},
-    "experts": {"method": "experts", "criterion": "reap", "num_experts": 2},
-}
-
 
 def _prune(family, step, tiny_recipe, tokenizer, dtype, device, **recipe):
     model = make_tiny_model(family).to(dtype)
     pruner = HFPruner(model, tokenizer, tiny_recipe(step, device=device, **recipe))
     report = pruner.prune()
     return pruner, report
-
-
-def _zeros(model):
-    return {n: (p == 0).cpu() for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n}
 
 
 @pytest.mark.parametrize("name", list(DENSE) + list(MOE))
@@ -75,7 +50,7 @@ def test_every_method_on_cuda_in_bf16(name, tiny_recipe, tokenizer, tmp_path):
     with torch.no_grad():
         logits = gpu.model(input_ids=IDS.to(DEVICE)).logits
     assert torch.isfinite(logits).all()
-    a, b = _zeros(ref.model), _zeros(gpu.model)
+    a, b = zeros_of(ref.model), zeros_of(gpu.model)
     if a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a):
         agree = sum(int((a[k] == b[k]).sum()) for k in a) / sum(v.numel() for v in a.values())
         assert agree > 0.9, agree  # bf16 statistics vs float32: most decisions agree
@@ -103,7 +78,7 @@ def test_masks_do_not_depend_on_the_batch_size_on_cuda(tiny_recipe, tokenizer):
         recipe["calibration"]["batch_size"] = batch_size
         model = make_tiny_model("llama")
         HFPruner(model, tokenizer, recipe).prune()
-        masks.append(_zeros(model))
+        masks.append(zeros_of(model))
     total = sum(v.numel() for v in masks[0].values())
     assert sum(int((masks[0][k] == masks[1][k]).sum()) for k in masks[0]) / total >= 0.999
 

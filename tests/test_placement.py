@@ -14,6 +14,7 @@ from hf_prune.errors import RecipeError
 from hf_prune.recipe import Recipe
 
 from .conftest import make_tiny_model
+from .method_matrix import DENSE, MOE, zeros_of
 
 IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
 
@@ -152,3 +153,26 @@ def test_bf16_on_a_cpu_without_bf16_units_computes_blocks_in_float32(tokenizer, 
     monkeypatch.setattr(placement, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
     assert placement.compute_dtype_for(torch.device("cpu"), torch.bfloat16) == torch.bfloat16
     assert placement.compute_dtype_for(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", list(DENSE) + list(MOE))
+def test_bf16_matches_float32_for_every_method(name, tokenizer, tiny_recipe):
+    """bf16 weights (computed in float32 per block on this CPU without bf16 units): the masks agree with the
+    float32 prune, the logits stay close, and the dtype is kept."""
+    family, step = ("qwen3_moe", MOE[name]) if name in MOE else ("llama", DENSE[name])
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make_tiny_model(family).to(dtype)
+        pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+        pruner.prune()
+        assert all(p.dtype == dtype for p in pruner.model.parameters() if p.is_floating_point())
+        results[dtype] = pruner.model
+    a, b = zeros_of(results[torch.float32]), zeros_of(results[torch.bfloat16])
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    agree = sum(int((a[k] == b[k]).sum()) for k in a) / sum(v.numel() for v in a.values())
+    assert agree > 0.95, agree
+    with torch.no_grad():
+        x = _logits(results[torch.float32]).log_softmax(-1)
+        y = results[torch.bfloat16](input_ids=IDS).logits.float().log_softmax(-1)
+    nll = lambda lp: -lp[0, :-1].gather(-1, IDS[0, 1:, None]).mean()  # noqa: E731
+    assert abs(float(nll(x) - nll(y))) < 0.1 * abs(float(nll(x)))
