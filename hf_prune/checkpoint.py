@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,7 @@ def check_model_source(source: str | os.PathLike) -> None:
                 f"{text} is a folder without config.json, so it is not a Hugging Face model folder. Pass the folder "
                 "that save_pretrained wrote (config.json + *.safetensors), or a Hub id such as org/name."
             )
+        check_checkpoint_files(path)
         return
     if path.exists():
         raise ModelSourceError(
@@ -44,6 +47,90 @@ def check_model_source(source: str | os.PathLike) -> None:
         raise ModelSourceError(
             f"{text} does not exist here and is not a Hub id (org/name). Check the path, or pass a Hub id."
         )
+
+
+class CorruptCheckpointError(ModelSourceError):
+    """A local checkpoint whose files are damaged: unreadable config, missing or truncated shards."""
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} is not valid JSON ({exc}); the {what} is damaged. Download or save the model again."
+        ) from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} holds no JSON object; the {what} is damaged.")
+    return data
+
+
+def check_safetensors_file(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors all lie inside the file (a truncated download or an
+    interrupted copy fails here, from the header alone: nothing is loaded)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError(f"its header claims {n} bytes, the file has {size}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} is not a valid safetensors file ({exc}). Download or save the model again."
+        ) from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise CorruptCheckpointError(
+            f"{path} is truncated or damaged: its tensors need {8 + n + end} bytes, the file has {size}. "
+            "Download or save the model again."
+        )
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """The files of a local checkpoint, before anything is loaded: config.json parses, the shard index parses and
+    names only shards that exist, and every safetensors file is complete."""
+    _read_json(folder / "config.json", "model's config")
+    index = folder / INDEX
+    if index.exists():
+        weight_map = _read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CorruptCheckpointError(f"{index} has no weight_map; the shard index is damaged.")
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise CorruptCheckpointError(
+                f"The checkpoint at {folder} is incomplete: {len(missing)} shard file(s) listed in {INDEX} are "
+                f"missing ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}). Download it again."
+            )
+        shards = sorted({folder / f for f in weight_map.values()})
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        check_safetensors_file(shard)
+
+
+def check_can_create(out_dir: str | os.PathLike) -> None:
+    """The output folder can be made: no file on its path, and its nearest existing parent accepts new entries
+    (probed by making and removing a temporary folder there)."""
+    out = Path(out_dir).expanduser().absolute()
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(f"{out} cannot be created: {parent} is a file. Choose an output folder elsewhere.")
+    try:
+        probe = tempfile.mkdtemp(prefix=".hf_prune-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputExistsError(
+            f"{out} cannot be created: {parent} does not accept new folders ({exc.strerror}). Choose a writable place."
+        ) from exc
 
 
 def remove_leftovers(out_dir: str | os.PathLike) -> list[Path]:
@@ -84,6 +171,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool, protected: lis
         raise OutputExistsError(
             f"{out} is not empty. Choose an empty or new folder, or pass overwrite=True (--overwrite) to replace it."
         )
+    check_can_create(out if not out.exists() else out.parent / f".{out.name}.probe")
     return out
 
 

@@ -200,7 +200,13 @@ def cmd_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .hub import push_folder
+
+    if not Path(args.model).is_dir():
+        raise HFPruneError(f"push uploads a saved model folder; {args.model} is not a folder here.")
+    _check_before_loading(args.model, None, False)
 
     url = push_folder(
         args.model,
@@ -217,6 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.harness import SHIPPED_TASKS, run_lm_eval
     from .pruner import resolve_model_path
 
+    _check_before_loading(args.model, None, False)
     model_args = {"trust_remote_code": True} if args.trust_remote_code else {}
     if args.revision:
         model_args["revision"] = args.revision

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import ModelAdapter
-from .checkpoint import atomic_write_folder, check_output_dir
+from .checkpoint import atomic_write_folder, check_model_source, check_output_dir
 from .checkpoint_layout import to_checkpoint_layout, to_model_layout
 from .errors import HFPruneError, PruningCheckError, RecipeError
 from .methods.context import PruneContext
@@ -202,6 +202,7 @@ def prune_streaming(
     folder = Path(model_path)
     if not folder.is_dir():
         raise HFPruneError(f"Streaming needs a local checkpoint folder; {model_path} is not one.")
+    check_model_source(str(folder))  # config, index and every shard's header, before any work
     check_output_dir(output_dir, overwrite, [str(folder)])
     ckpt = ShardedCheckpoint(folder)
     config = AutoConfig.from_pretrained(folder)
