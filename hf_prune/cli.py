@@ -18,6 +18,11 @@ from typing import Any
 from .errors import HFPruneError
 from .utils import setup_logging
 
+RESUME_HELP = (
+    "keep a work folder beside the output (.NAME.work) with every finished block; run the same command again after "
+    "a kill to continue from the last finished block"
+)
+
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
@@ -94,17 +99,22 @@ def _check_before_loading(model: str | None, output: str | None, overwrite: bool
         check_output_dir(output, overwrite, [model])
 
 
-def _finish(pruner, recipe, output: str | None, overwrite: bool, report_json: str | None) -> None:
+def _finish(
+    pruner, recipe, output: str | None, overwrite: bool, report_json: str | None, resume: bool = False
+) -> None:
     from . import distributed
+    from .resume import work_folder_for
 
-    report = pruner.prune()
+    out = output or recipe.output.dir
+    if resume and not out:
+        raise HFPruneError("--resume keeps its work folder beside the output: give --output (or output.dir).")
+    report = pruner.prune(resume=resume, work_dir=work_folder_for(out) if resume else None)
     if recipe.heal is not None:
         pruner.heal()
     if distributed.is_main():  # under torchrun every rank holds the same result; rank 0 speaks and writes
         print(report.to_markdown())
         if report_json:
             report.to_json(report_json)
-    out = output or recipe.output.dir
     if out:
         path = pruner.save_pretrained(out, overwrite=overwrite or recipe.output.overwrite)
         if distributed.is_main():
@@ -143,9 +153,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     recipe = Recipe.from_dict(recipe_dict)
     _check_before_loading(args.model, args.output, args.overwrite)
     if args.streaming:
+        if args.resume:
+            raise HFPruneError("--resume is not available with --streaming yet; drop one of them.")
         return _streaming(recipe, args.model, args.output, args.overwrite, args.report_json)
     pruner = HFPruner.from_pretrained(args.model, recipe=recipe, **_model_kwargs(args))
-    _finish(pruner, recipe, args.output, args.overwrite, args.report_json)
+    _finish(pruner, recipe, args.output, args.overwrite, args.report_json, args.resume)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -159,6 +171,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         recipe = Recipe.from_dict(_placement_into(recipe.to_dict(), args))
     _check_before_loading(recipe.model, args.output or recipe.output.dir, args.overwrite or recipe.output.overwrite)
     if recipe.output.streaming:
+        if args.resume:
+            raise HFPruneError("--resume is not available with streaming yet; drop one of them.")
         return _streaming(
             recipe,
             recipe.model,
@@ -167,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             args.report_json,
         )
     pruner = HFPruner.from_pretrained(recipe.model, recipe=recipe, **_model_kwargs(args))
-    _finish(pruner, recipe, args.output, args.overwrite, args.report_json)
+    _finish(pruner, recipe, args.output, args.overwrite, args.report_json, args.resume)
 
 
 def cmd_ppl(args: argparse.Namespace) -> None:
@@ -307,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder to save the pruned model into")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--report-json", help="also write the report as JSON here")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument(
         "--streaming",
         action="store_true",
@@ -320,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the recipe's output.dir")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--report-json")
+    p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("ppl", help="perplexity of a model on a text")

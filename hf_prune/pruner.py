@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -102,6 +103,13 @@ def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
     return None
 
 
+def _step_report_from_dict(data: dict[str, Any]):
+    from .report import ModuleReport, StepReport
+
+    modules = [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in data.get("modules", [])]
+    return StepReport(**{**data, "modules": modules})
+
+
 # Steps after which healing distills from the dense teacher unless told otherwise.
 DISTILL_BY_DEFAULT = ("width", "shrink")
 
@@ -136,6 +144,7 @@ class HFPruner:
         self._applied: list[PruningMethod] = []
         self._peft_model = None  # a healing adapter kept unmerged
         self._heal: dict[str, Any] | None = None
+        self._work = None  # a resumable prune's work folder, removed once the result is saved
         self._base_model: str | None = self._source  # what the card names as base_model (Hub id or path)
 
     @classmethod
@@ -171,8 +180,17 @@ class HFPruner:
         return pruner
 
     # ------------------------------------------------------------------ pruning
-    def prune(self) -> PruningReport:
-        """Run every step of the recipe (after checking all of them against the model) and return the report."""
+    def prune(self, resume: bool = False, work_dir: str | os.PathLike | None = None) -> PruningReport:
+        """Run every step of the recipe (after checking all of them against the model) and return the report.
+
+        Args:
+            resume: keep a work folder (``.NAME.work`` beside the output folder, or ``work_dir``) with every finished
+                block, and continue from it when it holds a killed prune of the same recipe, calibration and model
+                (another one is refused). The result is bit-identical to an uninterrupted run; the folder is removed
+                once the pruned model is saved. Weight-pruning recipes (magnitude, Wanda, SparseGPT, OWL,
+                reconstruction), in one process.
+            work_dir: where that work folder lives (default: beside the recipe's ``output.dir``).
+        """
         recipe = self.recipe
         if not recipe.steps:
             raise RecipeError("The recipe has no steps. Add e.g. steps: [{method: wanda, sparsity: 0.5}].")
@@ -219,9 +237,16 @@ class HFPruner:
         )
         if recipe.eval is not None and recipe.eval.dense:
             report.evaluation["perplexity_dense"] = self._eval_perplexity(recipe.eval)
+        work = self._open_work_folder(ctx, methods, place, work_dir) if resume else None
 
-        for method in methods:
+        for index, method in enumerate(methods):
             logger.info("Step %d/%d: %s", len(report.steps) + 1, len(methods), method.config.method)
+            saved = work.finished_step(index) if work is not None else None
+            if saved is not None:  # finished before the kill: its weights were restored
+                report.steps.append(_step_report_from_dict(saved))
+                self._applied.append(method)
+                continue
+            ctx.work = (work, index) if work is not None else None
             try:
                 step_report = method.run(ctx)
             except Exception as exc:
@@ -230,6 +255,8 @@ class HFPruner:
             step_report.details["ran_on"] = place.describe()
             report.steps.append(step_report)
             self._applied.append(method)
+            if work is not None:
+                work.commit_step(index, dataclasses.asdict(step_report))
             self.model = ctx.model  # a step may rebuild the model (slicing) or change its structure (depth)
             self.adapter = ctx.adapter = ModelAdapter(self.model)
         report.calibration = ctx.calibration_info
@@ -248,6 +275,35 @@ class HFPruner:
         self.report = report
         self._record_pruning_config()
         return report
+
+    def _open_work_folder(self, ctx: PruneContext, methods: list[PruningMethod], place, work_dir):
+        """The resumable prune's work folder, its saved blocks loaded into the model (see ``hf_prune.resume``)."""
+        from .methods.weight_pruning import WeightPruningMethod
+        from .resume import WorkFolder, fingerprint, work_folder_for
+
+        refused = [
+            m.config.method
+            for m in methods
+            if not isinstance(m, WeightPruningMethod) or getattr(m.config, "component", "language") != "language"
+        ]
+        if refused:
+            raise RecipeError(
+                f"resume: {', '.join(refused)} cannot be resumed yet (structural steps change the model's shapes; "
+                "resumable prunes cover magnitude, Wanda, SparseGPT, OWL and reconstruction on the language model). "
+                "Drop resume, or split the recipe."
+            )
+        if distributed.active():
+            raise RecipeError("resume is not available under torchrun yet; run the prune in one process.")
+        if work_dir is None and not self.recipe.output.dir:
+            raise RecipeError("resume needs an output folder (the work folder lives beside it): set output.dir.")
+        path = work_dir or work_folder_for(self.recipe.output.dir)
+        windows = ctx.calibration_ids() if not ctx.uses_images() else None
+        work = WorkFolder.open(path, fingerprint(self.recipe.to_dict(), windows, self.model, place.to_dict()))
+        if work.resumed:
+            restored = work.restore_blocks(self.adapter.blocks, ctx.block_context)
+            logger.info("resume: %d block(s) restored as the killed prune left them.", restored)
+        self._work = work
+        return work
 
     @torch.no_grad()
     def _check_outputs_finite(self, ctx: PruneContext) -> None:
@@ -419,6 +475,9 @@ class HFPruner:
 
         out = atomic_write_folder(save_directory, write, overwrite)
         logger.info("Saved the pruned model to %s", out)
+        if getattr(self, "_work", None) is not None:  # a resumable prune's work is in the saved model now
+            self._work.remove()
+            self._work = None
         distributed.barrier()
         return out
 

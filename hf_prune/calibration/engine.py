@@ -146,6 +146,11 @@ class BlockwiseEngine:
         self.activation_dir = activation_dir  # keep activations between blocks on disk, one file per chunk
         self.placement = placement  # hf_prune.placement.Placement: execution device, compute dtype (None: as is)
         self.compute_dtype: torch.dtype | None = None
+        # resuming: the walk starts at block ``start`` with ``resume_inputs``; ``after_block(i, block, outputs)`` is
+        # called after each block (weights still materialized) so a work folder can commit it
+        self.start = 0
+        self.resume_inputs: list[torch.Tensor] | None = None
+        self.after_block: Callable | None = None
         self._inputs: list[torch.Tensor] | None = None
         self._calls: list[list[BlockCall]] | None = None
 
@@ -243,17 +248,25 @@ class BlockwiseEngine:
             self.capture()
         inputs = self._inputs
         self._inputs = None  # the engine hands its only copy of the activations to the walk
-        bar = tqdm(range(self.adapter.num_blocks), desc=desc, leave=False, disable=not distributed.is_main())
+        if self.start:
+            device = inputs[0].device
+            inputs = self._store([x.to(device) for x in self.resume_inputs], self.start - 1)
+            self.resume_inputs = None
+        n = self.adapter.num_blocks
+        bar = tqdm(range(self.start, n), desc=desc, leave=False, disable=not distributed.is_main())
         self.block_seconds: list[float] = []
         for i in bar:
             started = time.perf_counter()
             step = BlockStep(self, i, self.adapter.blocks[i], inputs, self._calls[i])
             # offloaded / streamed weights stay materialized meanwhile, in the compute dtype
-            with self.block_context(step.block), self._computing(step.block):
-                yield step
-                outputs = step.info.pop("outputs", None)
-                if outputs is None:
-                    outputs = step.forward()
+            with self.block_context(step.block):
+                with self._computing(step.block):
+                    yield step
+                    outputs = step.info.pop("outputs", None)
+                    if outputs is None:
+                        outputs = step.forward()
+                if self.after_block is not None:
+                    self.after_block(i, step.block, list(outputs) if i + 1 < n else None)
             previous = inputs
             inputs = self._store(list(outputs), i)
             if isinstance(previous, DiskChunks):

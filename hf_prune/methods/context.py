@@ -30,6 +30,7 @@ class PruneContext:
     processor: Any = None
     block_context: Any = onloaded  # how a block is materialized while worked on (offload hooks, streaming)
     placement: Any = None  # hf_prune.placement.Placement: where blocks run and in which dtype
+    work: Any = None  # (hf_prune.resume.WorkFolder, step index) of a resumable prune, or None
     _windows: torch.Tensor | None = None
     _image_batches: list[dict] | None = None
     calibration_info: dict[str, Any] | None = None

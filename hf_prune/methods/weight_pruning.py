@@ -8,6 +8,7 @@ otherwise), the routed experts' statistics (``expert_calibration.py``), and the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from abc import abstractmethod
@@ -270,17 +271,25 @@ class WeightPruningMethod(PruningMethod):
         by_block: dict[int, list[WeightRef]] = {}
         for ref in refs:
             by_block.setdefault(ref.block, []).append(ref)
-        sparsities = self.block_sparsities(ctx, by_block, report)
+        sparsities = self._planned_sparsities(ctx, by_block, report)
         if sparsities and len(set(sparsities.values())) > 1:
             report.details["block_sparsity"] = {int(k): round(v, 6) for k, v in sparsities.items()}
+        start, commit = self._resume_point(ctx, report, coverage)
 
         if not self.needs_calibration:
             for i, block in enumerate(ctx.adapter.blocks):
+                if i < start:
+                    continue
                 with ctx.block_context(block):
                     report.modules += [self._prune_ref(r, None, sparsities[i]) for r in by_block.get(i, [])]
                     coverage.add_block(i)
+                    if commit is not None:
+                        commit(i, block, None)
             return coverage
         engine = ctx.engine()
+        if start:
+            engine.start, engine.resume_inputs = start, ctx.work[0].inputs(start)
+        engine.after_block = commit
         sequential = self.config.true_sequential
         if sequential and distributed.active() and self._per_expert_linears(ctx):
             sequential = False
@@ -319,6 +328,38 @@ class WeightPruningMethod(PruningMethod):
         if moe_summary:
             report.details["moe"] = self._moe_details(moe_summary)
         return coverage
+
+    def _planned_sparsities(self, ctx: PruneContext, by_block, report: StepReport) -> dict[int, float]:
+        """Block sparsities (uniform or OWL's), decided once per step: a resumed step reuses the saved ones (OWL's
+        dense pass would see the blocks already pruned)."""
+        scratch = StepReport(self.config.method, {})
+
+        def compute() -> dict:
+            values = self.block_sparsities(ctx, by_block, scratch)
+            return {"values": {str(k): v for k, v in values.items()}, "details": scratch.details}
+
+        planned = ctx.work[0].plan(ctx.work[1], "sparsities", compute) if ctx.work else compute()
+        report.details.update(planned["details"])
+        return {int(k): v for k, v in planned["values"].items()}
+
+    def _resume_point(self, ctx: PruneContext, report: StepReport, coverage: Coverage):
+        """(first block to prune, the after-block commit) of a resumable prune; (0, None) otherwise. Blocks a killed
+        run finished are counted from their restored weights, their module reports from the saved ones."""
+        if not ctx.work:
+            return 0, None
+        work, index = ctx.work
+        start = work.start(index)
+        partial = work.partial_report(index) or {}
+        report.modules += [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in partial.get("modules", [])]
+        for i in range(start):
+            with ctx.block_context(ctx.adapter.blocks[i]):
+                coverage.add_block(i)
+
+        def commit(i: int, block, next_inputs) -> None:
+            modules = [dataclasses.asdict(m) for m in report.modules]
+            work.commit_block(index, i, block, next_inputs, {"modules": modules})
+
+        return start, commit
 
     def _reconstruct(
         self, step: BlockStep, refs: list[WeightRef], dense_outputs, settings: ReconstructConfig, report: StepReport

@@ -1,0 +1,180 @@
+"""Resumable prunes: a work folder beside the output (``.NAME.work/``) that a killed prune continues from.
+
+After every block of a weight-pruning step the engine commits, in this order: the block as pruned
+(``s{step}-b{block}.safetensors``), the next block's inputs (``inputs-b{block + 1}/``), then ``state.json`` (the
+position, the step's report so far, what the step decided up front such as OWL's sparsities). Each file is written
+to a temporary name and renamed, and ``state.json`` last, so whatever a kill leaves is either the previous commit or
+the new one. A resume checks the fingerprint (recipe, calibration windows, model), loads every block as last
+committed, skips the finished steps and walks the current one from the next block with the saved inputs: the result
+is bit-identical to an uninterrupted run (tested). The folder is removed when the prune succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import RecipeError
+from .utils import logger
+
+STATE = "state.json"
+
+
+def work_folder_for(output_dir: str | os.PathLike) -> Path:
+    out = Path(output_dir).expanduser().absolute()
+    return out.parent / f".{out.name}.work"
+
+
+def fingerprint(recipe: dict, windows: torch.Tensor | None, model: nn.Module, placement: dict | None) -> str:
+    """What a resumed run must share with the killed one: the recipe's steps and calibration, the calibration
+    windows, the model (config, parameter count, a digest of its embeddings) and where it ran."""
+    digest = hashlib.sha256()
+    settings = {k: recipe.get(k) for k in ("model", "calibration", "steps")}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    if windows is not None:
+        digest.update(windows.cpu().numpy().tobytes())
+    config = model.config.to_dict()
+    config.pop("pruning_config", None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(str(sum(p.numel() for p in model.parameters())).encode())
+    emb = model.get_input_embeddings().weight
+    if emb.device.type != "meta":
+        digest.update(emb.detach()[:64].float().cpu().numpy().tobytes())
+    if placement:
+        digest.update(json.dumps({k: placement[k] for k in ("device", "storage_dtype", "compute_dtype")}).encode())
+    return digest.hexdigest()
+
+
+class WorkFolder:
+    """The state of one resumable prune (see the module docstring)."""
+
+    def __init__(self, path: Path, fingerprint_: str):
+        self.path = path
+        self.fingerprint = fingerprint_
+        self.state: dict[str, Any] = {"fingerprint": fingerprint_, "step": 0, "next_block": 0, "steps": [], "plan": {}}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, fingerprint_: str) -> WorkFolder:
+        """The work folder at ``path``: continued if it holds a prune with the same fingerprint, refused if it holds
+        another one, created otherwise."""
+        folder = cls(Path(path), fingerprint_)
+        state_file = folder.path / STATE
+        if state_file.exists():
+            state = json.loads(state_file.read_text())
+            if state.get("fingerprint") != fingerprint_:
+                raise RecipeError(
+                    f"{folder.path} holds a prune with other settings (recipe, calibration or model differ), so it "
+                    "cannot be resumed with these. Run with the same recipe, or delete that folder to start over."
+                )
+            folder.state = state
+            logger.info(
+                "Resuming from %s: step %d, block %d (%d step(s) finished).",
+                folder.path,
+                state["step"] + 1,
+                state["next_block"],
+                len(state["steps"]),
+            )
+        else:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            folder._write_state()
+        return folder
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def resumed(self) -> bool:
+        return self.state["step"] > 0 or self.state["next_block"] > 0
+
+    def finished_step(self, index: int) -> dict | None:
+        """The saved report of step ``index`` if it finished before."""
+        return self.state["steps"][index] if index < len(self.state["steps"]) else None
+
+    def start(self, step: int) -> int:
+        """The first block step ``step`` still has to prune."""
+        return self.state["next_block"] if step == self.state["step"] else 0
+
+    def partial_report(self, step: int) -> dict | None:
+        return self.state.get("partial") if step == self.state["step"] else None
+
+    def inputs(self, block: int) -> list[torch.Tensor]:
+        folder = self.path / f"inputs-b{block}"
+        n = len(list(folder.glob("*.pt")))
+        return [torch.load(folder / f"{j}.pt", weights_only=True) for j in range(n)]
+
+    def plan(self, step: int, key: str, compute):
+        """A value step ``step`` decides before its walk (e.g. OWL's sparsities): computed once, then kept."""
+        plans = self.state["plan"].setdefault(str(step), {})
+        if key not in plans:
+            plans[key] = compute()
+            self._write_state()
+        return plans[key]
+
+    def restore_blocks(self, blocks: nn.ModuleList, block_context) -> int:
+        """Every block as last committed (the latest step that finished it); returns how many were restored."""
+        restored = 0
+        for b, block in enumerate(blocks):
+            path = self._latest_block_file(b)
+            if path is None:
+                continue
+            with block_context(block):
+                state = load_file(str(path))
+                device = next((p.device for p in block.parameters() if p.device.type != "meta"), None)
+                block.load_state_dict({k: v.to(device) if device else v for k, v in state.items()})
+            restored += 1
+        return restored
+
+    def _latest_block_file(self, block: int) -> Path | None:
+        current, start = self.state["step"], self.state["next_block"]
+        for step in range(current, -1, -1):
+            if step == current and block >= start:
+                continue
+            path = self.path / f"s{step}-b{block}.safetensors"
+            if path.exists():
+                return path
+        return None
+
+    # ------------------------------------------------------------------ writing
+    def commit_block(
+        self, step: int, block: int, module: nn.Module, next_inputs: list[torch.Tensor] | None, partial: dict
+    ) -> None:
+        """Block ``block`` of step ``step`` is done: its weights, the next block's inputs, then the state."""
+        tmp = self.path / f".s{step}-b{block}.tmp"
+        state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(tmp))
+        os.replace(tmp, self.path / f"s{step}-b{block}.safetensors")
+        if next_inputs is not None:
+            folder = self.path / f"inputs-b{block + 1}"
+            staging = self.path / f".inputs-b{block + 1}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            for j, x in enumerate(next_inputs):
+                torch.save(x.detach().to("cpu"), staging / f"{j}.pt")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(staging, folder)
+        self.state.update(step=step, next_block=block + 1, partial=partial)
+        self._write_state()
+        shutil.rmtree(self.path / f"inputs-b{block}", ignore_errors=True)
+        for older in range(step):  # superseded versions of this block
+            (self.path / f"s{older}-b{block}.safetensors").unlink(missing_ok=True)
+
+    def commit_step(self, step: int, report: dict) -> None:
+        steps = self.state["steps"][:step] + [report]
+        self.state.update(step=step + 1, next_block=0, steps=steps, partial=None)
+        self._write_state()
+        for folder in self.path.glob("inputs-b*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _write_state(self) -> None:
+        tmp = self.path / f".{STATE}.tmp"
+        tmp.write_text(json.dumps(self.state, default=str))
+        os.replace(tmp, self.path / STATE)

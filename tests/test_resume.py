@@ -1,0 +1,159 @@
+"""Resumable prunes: a prune killed after any block continues from its work folder to the bit-identical result; a
+resume with other settings is refused; the folder goes once the model is saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_prune import HFPruner
+from hf_prune.errors import RecipeError
+from hf_prune.methods.weight_pruning import WeightPruningMethod
+from hf_prune.resume import work_folder_for
+
+from .conftest import make_tiny_model
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, n: int) -> None:
+    """Make the n-th pruned target raise, as a kill would stop the process there."""
+    original = WeightPruningMethod._prune_ref
+    calls = {"n": 0}
+
+    def prune_ref(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WeightPruningMethod, "_prune_ref", prune_ref)
+
+
+RECIPES = {
+    "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5}],
+    "owl+wanda-2of4": [
+        {"method": "wanda", "sparsity": 0.5, "sparsity_profile": "owl", "owl_lambda": 0.05},
+        {"method": "wanda", "structure": "2:4", "reconstruct": {"batch_size": 2}},
+    ],
+    "magnitude": [{"method": "magnitude", "sparsity": 0.5}],
+}
+
+
+def _recipe(tiny_recipe, steps, out, batch_size=0):
+    recipe = tiny_recipe(steps[0], output={"dir": str(out)})
+    recipe["steps"] = steps
+    recipe["calibration"]["batch_size"] = batch_size
+    return recipe
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("kill_at", [1, 8, 15, 30])  # 7 linears per block, 3 blocks: in block 0, 1, 2; step 2
+def test_a_killed_prune_resumes_to_the_identical_result(name, kill_at, tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    if kill_at >= 21 * len(RECIPES[name]):
+        pytest.skip("a one-step recipe has no second step to kill")
+    out = tmp_path / "out"
+    reference = make_tiny_model("llama")
+    HFPruner(reference, tokenizer, _recipe(tiny_recipe, RECIPES[name], tmp_path / "ref")).prune()
+
+    with monkeypatch.context() as m:
+        _kill_after(m, kill_at)
+        with pytest.raises(Killed):
+            HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, RECIPES[name], out)).prune(resume=True)
+    work = work_folder_for(out)
+    assert (work / "state.json").exists() and not out.exists()
+
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, RECIPES[name], out))
+    with monkeypatch.context() as m:
+        _kill_after(m, 10**9)  # counts only
+        solved = []
+        original = WeightPruningMethod._prune_ref
+        m.setattr(WeightPruningMethod, "_prune_ref", lambda self, *a, **k: solved.append(1) or original(self, *a, **k))
+        report = pruner.prune(resume=True)
+    total = 21 * len(RECIPES[name])
+    done_before = min(kill_at, total) // 7 * 7  # whole blocks committed before the kill
+    assert len(solved) == total - done_before
+    for (n, a), b in zip(reference.state_dict().items(), pruner.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert sum(len(s.modules) for s in report.steps) == 21 * len(RECIPES[name])
+    pruner.save_pretrained(out)
+    assert not work.exists()
+
+
+def test_resume_with_chunked_calibration(tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    steps = RECIPES["sparsegpt"]
+    reference = make_tiny_model("llama")
+    HFPruner(reference, tokenizer, _recipe(tiny_recipe, steps, tmp_path / "ref", batch_size=1)).prune()
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _kill_after(m, 10)
+        with pytest.raises(Killed):
+            HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, steps, out, 1)).prune(resume=True)
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, steps, out, 1))
+    pruner.prune(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), pruner.model.state_dict().values()))
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _kill_after(m, 5)
+        with pytest.raises(Killed):
+            HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, RECIPES["sparsegpt"], out)).prune(
+                resume=True
+            )
+    other = [{"method": "sparsegpt", "sparsity": 0.6}]
+    model = make_tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match="other settings"):
+        HFPruner(model, tokenizer, _recipe(tiny_recipe, other, out)).prune(resume=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_structural_steps_are_not_resumable_yet(tmp_path, tokenizer, tiny_recipe):
+    recipe = _recipe(tiny_recipe, [{"method": "depth", "num_blocks": 1}], tmp_path / "out")
+    with pytest.raises(RecipeError, match="cannot be resumed yet"):
+        HFPruner(make_tiny_model("llama"), tokenizer, recipe).prune(resume=True)
+
+
+def test_cli_resume(tmp_path, tokenizer, monkeypatch, capsys):
+    from hf_prune.cli import main
+
+    src = tmp_path / "src"
+    make_tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    argv = ["prune", "--model", str(src), "--method", "wanda", "--sparsity", "0.5", "--calib", "wikipedia-tail",
+            "--nsamples", "4", "--seqlen", "64", "--output", str(tmp_path / "out"), "--resume"]  # fmt: skip
+    with monkeypatch.context() as m:
+        _kill_after(m, 9)
+        with pytest.raises(Killed):
+            main(argv)
+    assert work_folder_for(tmp_path / "out").exists()
+    assert main(argv) == 0
+    assert (tmp_path / "out" / "config.json").exists() and not work_folder_for(tmp_path / "out").exists()
+    assert main(argv[:-1] + ["--streaming", "--resume", "--overwrite"]) == 2
+
+
+def test_resume_onloaded(tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    """Weights in host memory behind accelerate hooks (onload: true): blocks restored and committed through them."""
+    steps = RECIPES["sparsegpt"]
+    reference = make_tiny_model("llama")
+    HFPruner(reference, tokenizer, _recipe(tiny_recipe, steps, tmp_path / "ref")).prune()
+    out = tmp_path / "out"
+
+    def recipe():
+        return {**_recipe(tiny_recipe, steps, out), "onload": True, "device": "cpu"}
+
+    with monkeypatch.context() as m:
+        _kill_after(m, 10)
+        with pytest.raises(Killed):
+            HFPruner(make_tiny_model("llama"), tokenizer, recipe()).prune(resume=True)
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, recipe())
+    pruner.prune(resume=True)
+    saved = pruner.save_pretrained(out)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), reloaded.state_dict().values()))
