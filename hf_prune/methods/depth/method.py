@@ -13,17 +13,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import distributed
-from ...adapters import ModelAdapter
-from ...calibration.engine import model_device
+from ...adapters import ModelAdapter, weight_out_in
+from ...calibration.engine import hooks, model_device
 from ...calibration.stats import CosineStats
 from ...errors import PruningCheckError, RecipeError
 from ...report import StepReport
 from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
+from .compensation import RunStatistics, fit_map, fold_into_writer, squared_error
 from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowest_scoring, random_blocks
 from .surgery import remove_blocks, structure_mismatch
 
 CRITERIA = ("angular", "block_influence", "ppl_delta", "random")
+COMPENSATIONS = ("none", "least_squares")
 
 
 @dataclass
@@ -44,6 +46,10 @@ class DepthConfig(StepConfig):
         last_token_only: cosine similarities on the last token of each window instead of every token.
         ppl_nsamples: calibration windows used by ``ppl_delta`` (default: all of them).
         seed: for ``random``.
+        compensate: ``least_squares`` replaces each removed run of blocks by a linear map fitted on the calibration
+            activations and folded into the down projection of the last kept block before the run (ReplaceMe,
+            Shopkhoev et al., 2025): the checkpoint stays the family's plain class; kept per run only where it
+            lowers the run's calibration error (both errors in the report). ``none``: the blocks are just removed.
 
     Example recipe::
 
@@ -63,6 +69,7 @@ class DepthConfig(StepConfig):
     iterative: bool = False
     ppl_nsamples: int | None = None
     seed: int = 0
+    compensate: str = "none"
 
     def validate(self) -> None:
         given = [k for k in ("num_blocks", "ratio", "blocks") if getattr(self, k) is not None]
@@ -82,6 +89,8 @@ class DepthConfig(StepConfig):
         for key in ("keep_first", "keep_last"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise RecipeError(f"depth.{key} must be a non-negative integer.")
+        if self.compensate not in COMPENSATIONS:
+            raise RecipeError(f"depth.compensate must be one of {', '.join(COMPENSATIONS)}, got {self.compensate!r}.")
         if self.iterative and self.criterion != "ppl_delta":
             raise RecipeError("depth.iterative applies to criterion: ppl_delta only.")
 
@@ -97,7 +106,8 @@ class DepthMethod(PruningMethod):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.blocks is None and self.config.criterion != "random"
+        c = self.config
+        return c.compensate != "none" or (c.blocks is None and c.criterion != "random")
 
     removed: tuple[int, list[int]] | None = None
 
@@ -129,6 +139,17 @@ class DepthMethod(PruningMethod):
                 f"depth: {n} blocks to remove but keep_first={c.keep_first} and keep_last={c.keep_last} leave only "
                 f"{len(allowed)} removable blocks."
             )
+        if c.compensate == "least_squares":
+            spec = ctx.adapter.spec
+            if spec is None or "mlp_out" in spec.norms or ctx.adapter.moe_blocks():
+                why = (
+                    "its MLP output is normalized before it joins the residual stream (sandwich norms)"
+                    if spec is not None and "mlp_out" in spec.norms
+                    else "its blocks have no single MLP down projection to fold the map into (mixture of experts)"
+                    if spec is not None
+                    else "hf_prune has no layout of its blocks"
+                )
+                raise RecipeError(f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}.")
         trial = c.blocks if c.blocks is not None else sorted({allowed[0], allowed[len(allowed) // 2]})[:n]
         problem = structure_mismatch(ctx.model, ctx.adapter, trial)
         if problem:
@@ -213,6 +234,76 @@ class DepthMethod(PruningMethod):
                 removed = lowest_scoring(scores, n, candidates)
         return sorted(removed), first_scores
 
+    # ------------------------------------------------------------------ compensation
+    @torch.no_grad()
+    def compensate(self, ctx: PruneContext, chosen: list[int]) -> list[dict[str, Any]]:
+        """One dense pass: for every removed run l..e (l > 0), the sums of the least-squares map from block l-1's
+        MLP output to what the run added; each map folded into block l-1's down projection where it lowers the
+        run's calibration error. Returns one report entry per run."""
+        runs = removed_runs(chosen)
+        by_writer = {first - 1: (first, last) for first, last in runs if first > 0}
+        by_end = {last: first - 1 for first, last in runs if first > 0}
+        entries = [
+            {"blocks": [first, last], "compensated": False, "why": "no kept block before it"}
+            for first, last in runs
+            if first == 0
+        ]
+        open_runs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # writer -> (M chunks, inputs)
+        stats: dict[int, RunStatistics] = {}
+        writers = {w: next(r for r in ctx.adapter.linears(w) if r.role == "down") for w in by_writer}
+        for step in ctx.engine().walk(desc="depth: least-squares maps"):
+            i = step.index
+            if i in by_writer:
+                seen: list[torch.Tensor] = []
+                hook = writers[i].module.register_forward_hook(_recorder(seen))
+                with hooks([hook]):
+                    outputs = step.forward()
+                open_runs[i] = (seen, outputs)
+                stats[i] = RunStatistics(outputs[0].shape[-1], outputs[0].device)
+                step.info["outputs"] = outputs
+            elif i in by_end:
+                writer = by_end[i]
+                outputs = step.forward()
+                mlp_out, run_inputs = open_runs.pop(writer)
+                for m, x, y in zip(mlp_out, run_inputs, outputs):
+                    stats[writer].update(m, x, y)
+                step.info["outputs"] = outputs
+        for writer, (first, last) in by_writer.items():
+            st = stats[writer]
+            for t in (st.G, st.C):
+                distributed.all_reduce_sum(t)
+            st.b_sq, st.l_sq = distributed.all_reduce_numbers(st.b_sq, st.l_sq)
+            T = fit_map(st.G, st.C)
+            before = squared_error(st.G, st.C, st.b_sq, None) / max(st.l_sq, 1e-30)
+            after = squared_error(st.G, st.C, st.b_sq, T) / max(st.l_sq, 1e-30)
+            ref = writers[writer]
+            entry = {
+                "blocks": [first, last],
+                "writer": ref.name,
+                "error_removed": round(before, 6),
+                "error_compensated": round(after, 6),
+                "compensated": after < before,
+            }
+            if entry["compensated"]:
+                with ctx.block_context(ctx.adapter.blocks[writer]):
+                    w = weight_out_in(ref.module)
+                    bias = ref.module.bias
+                    new_w, new_b = fold_into_writer(w, bias.data if bias is not None else None, T)
+                    w.copy_(new_w)
+                    if bias is not None:
+                        bias.data.copy_(new_b)
+            logger.info(
+                "depth: blocks %d-%d replaced by a least-squares map in %s: relative error %.4g -> %.4g (%s)",
+                first,
+                last,
+                ref.name,
+                before,
+                after,
+                "folded" if entry["compensated"] else "not folded: not lower",
+            )
+            entries.append(entry)
+        return sorted(entries, key=lambda e: e["blocks"])
+
     # ------------------------------------------------------------------ run
     def run(self, ctx: PruneContext) -> StepReport:
         start = time.perf_counter()
@@ -237,6 +328,8 @@ class DepthMethod(PruningMethod):
             else:
                 chosen = lowest_scoring(influence, n, allowed)
         details["removed_blocks"] = chosen
+        if c.compensate == "least_squares":
+            details["compensation"] = self.compensate(ctx, chosen)
         self.removed = (total, chosen)
         details["config_changes"] = remove_blocks(ctx.model, ctx.adapter, chosen)
         problem = structure_mismatch(ctx.model, ModelAdapter(ctx.model))
@@ -247,6 +340,21 @@ class DepthMethod(PruningMethod):
         report.details = details
         report.time_s = time.perf_counter() - start
         return report
+
+
+def _recorder(store: list[torch.Tensor]):
+    return lambda module, args, out: store.append(out.detach())
+
+
+def removed_runs(chosen: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive removed blocks, as (first, last)."""
+    runs: list[tuple[int, int]] = []
+    for b in sorted(chosen):
+        if runs and runs[-1][1] == b - 1:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((b, b))
+    return runs
 
 
 def _identity_block(hidden_states=None, *args, **kwargs):

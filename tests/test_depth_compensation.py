@@ -1,0 +1,88 @@
+"""Depth with least-squares compensation (ReplaceMe): the map is the identity when nothing is removed, folding it is
+exact, it lowers the replaced run's calibration error on a real SmolLM2, and the result is a plain checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_prune import HFPruner
+from hf_prune.errors import RecipeError
+from hf_prune.methods.depth.compensation import RunStatistics, fit_map, fold_into_writer, squared_error
+from hf_prune.methods.depth.method import removed_runs
+
+from .conftest import make_tiny_model
+
+IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
+
+
+def test_removing_zero_blocks_gives_the_identity():
+    """No block between the writer and the run's end: L = Y + M, so the least-squares map is I."""
+    torch.manual_seed(0)
+    m, x = torch.randn(2, 64, 16), torch.randn(2, 64, 16)
+    st = RunStatistics(16, torch.device("cpu"))
+    st.update(m, x, x)  # the run's output equals its input: nothing removed
+    T = fit_map(st.G, st.C, damp=0.0)
+    assert torch.allclose(T, torch.eye(16, dtype=T.dtype), atol=1e-6)
+    assert abs(squared_error(st.G, st.C, st.b_sq, T)) < 1e-6 * st.b_sq
+
+
+def test_the_fit_recovers_a_linear_run_and_folding_is_exact():
+    torch.manual_seed(0)
+    A = torch.eye(8) + 0.1 * torch.randn(8, 8)
+    m, y = torch.randn(1, 256, 8), torch.randn(1, 256, 8)
+    st = RunStatistics(8, torch.device("cpu"))
+    st.update(m, y + m, y + m @ A)  # the removed run maps M to M A
+    T = fit_map(st.G, st.C, damp=0.0)
+    assert torch.allclose(T.float(), A, atol=1e-4)
+    assert squared_error(st.G, st.C, st.b_sq, T) < 1e-6 * squared_error(st.G, st.C, st.b_sq, None)
+    W, b, h = torch.randn(8, 5), torch.randn(8), torch.randn(3, 5)
+    new_w, new_b = fold_into_writer(W, b, T)
+    assert torch.allclose(h @ new_w.t() + new_b, (h @ W.t() + b) @ T.float(), atol=1e-4)
+
+
+def test_runs():
+    assert removed_runs([7, 2, 3, 9, 8]) == [(2, 3), (7, 9)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_compensated_depth_saves_a_plain_checkpoint(family, tokenizer, tiny_recipe, tmp_path):
+    model = make_tiny_model(family, layers=4)
+    pruner = HFPruner(
+        model, tokenizer, tiny_recipe({"method": "depth", "blocks": [0, 2], "compensate": "least_squares"})
+    )
+    report = pruner.prune()
+    entries = report.steps[0].details["compensation"]
+    assert [e["blocks"] for e in entries] == [[0, 0], [2, 2]]
+    assert entries[0]["compensated"] is False and "no kept block" in entries[0]["why"]
+    assert entries[1]["error_compensated"] <= entries[1]["error_removed"]
+    out = pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
+    assert reloaded.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"])
+def test_families_it_cannot_fold_into_are_refused_before_any_work(family, tokenizer, tiny_recipe):
+    model = make_tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match="least_squares does not support"):
+        HFPruner(
+            model, tokenizer, tiny_recipe({"method": "depth", "num_blocks": 1, "compensate": "least_squares"})
+        ).prune()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.real_model
+def test_the_map_lowers_the_replaced_runs_error_on_smollm2(smollm2_path, tokenizer, tiny_recipe):
+    pruner = HFPruner.from_pretrained(
+        smollm2_path,
+        recipe=tiny_recipe(
+            {"method": "depth", "num_blocks": 6, "compensate": "least_squares"}, nsamples=8, seqlen=128
+        ),
+    )
+    entries = pruner.prune().steps[0].details["compensation"]
+    assert entries and all(e["compensated"] for e in entries)
+    assert all(e["error_compensated"] < 0.8 * e["error_removed"] for e in entries)
