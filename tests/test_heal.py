@@ -158,3 +158,24 @@ output: {{dir: {tmp_path / "out"}}}
     assert main(["run", str(recipe)]) == 0
     cfg = _json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["pruning_config"]["heal"]["sparsity_preserved"] is True
+
+
+def test_masked_update_equals_plain_autograd_without_keeping_the_delta():
+    """The autograd function gives the gradients of x @ ((B A) s * K)^T and saves only x, A, B and the mask."""
+    from hf_prune.heal.adapters import MaskedLowRankUpdate
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    A = torch.randn(4, 12, requires_grad=True)
+    B = torch.randn(8, 4, requires_grad=True)
+    mask = torch.rand(8, 12) > 0.5
+    plain = torch.nn.functional.linear(x, (B @ A) * 0.5 * mask)
+    g = torch.randn_like(plain)
+    expected = torch.autograd.grad(plain, (x, A, B), g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = MaskedLowRankUpdate.apply(x, A, B, mask, 0.5)
+    got = torch.autograd.grad(y, (x, A, B), g)
+    assert torch.allclose(y, plain, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, expected))
+    assert (8, 12) in saved and saved.count((8, 12)) == 1  # the mask only: no dense delta kept

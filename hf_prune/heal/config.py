@@ -35,7 +35,8 @@ class HealConfig(TextSourceFields, StrictConfig):
             once, kept in a temporary folder; the teacher is freed before training).
         merge: merge the adapter into the weights (the checkpoint stays a plain HF model); False keeps it separate
             and ``save_pretrained`` writes it PEFT-style under ``adapter/``.
-        gradient_checkpointing: trade compute for activation memory.
+        gradient_checkpointing: trade compute for activation memory; ``auto`` (default): on for models of more than
+            1B parameters.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``.
     """
 
@@ -60,10 +61,14 @@ class HealConfig(TextSourceFields, StrictConfig):
     teacher_cache: str = "memory"
     cache_topk: int = 64
     merge: bool = True
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"
     precision: str = "auto"
 
     def validate(self) -> None:
+        if self.gradient_checkpointing not in ("auto", True, False):
+            raise RecipeError(
+                f"heal.gradient_checkpointing must be auto, true or false, got {self.gradient_checkpointing!r}."
+            )
         for key in ("max_steps", "batch_size", "lora_r", "cache_topk"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

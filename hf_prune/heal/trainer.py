@@ -23,6 +23,8 @@ from ..errors import HFPruneError, PruningCheckError, RecipeError
 from ..methods.targets import select_targets
 from ..utils import logger
 from .config import HealConfig
+
+CHECKPOINTING_ABOVE = 1_000_000_000  # gradient_checkpointing: auto turns it on past this many parameters
 from .distill import hidden_loss, kd_loss, kd_loss_topk, teacher_topk
 
 PRUNED_FRACTION_FOR_MASKS = 0.01  # linears with fewer exact zeros than this hold no pruning mask worth keeping
@@ -182,7 +184,12 @@ def heal_model(
 
     conv1d = any(is_transposed(r.module) for r in refs)
     peft_model = wrap_with_adapter(model, [r.name for r in refs], mode, cfg, conv1d)
-    if cfg.gradient_checkpointing:
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing == "auto":  # activations of a big model's every block would dwarf the adapter
+        checkpointing = sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE
+        if checkpointing:
+            logger.info("heal: gradient checkpointing on (more than %.0e parameters)", CHECKPOINTING_ABOVE)
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -242,7 +249,7 @@ def heal_model(
     finally:
         if cache_dir is not None:
             shutil.rmtree(cache_dir, ignore_errors=True)
-        if cfg.gradient_checkpointing:
+        if checkpointing:
             model.gradient_checkpointing_disable()
     peft_model.eval()
 
