@@ -23,9 +23,9 @@ from ..errors import HFPruneError, PruningCheckError, RecipeError
 from ..methods.targets import select_targets
 from ..utils import logger
 from .config import HealConfig
+from .distill import hidden_loss, kd_loss, kd_loss_topk, teacher_topk
 
 CHECKPOINTING_ABOVE = 1_000_000_000  # gradient_checkpointing: auto turns it on past this many parameters
-from .distill import hidden_loss, kd_loss, kd_loss_topk, teacher_topk
 
 PRUNED_FRACTION_FOR_MASKS = 0.01  # linears with fewer exact zeros than this hold no pruning mask worth keeping
 
