@@ -191,21 +191,21 @@ class ShrinkMethod(PruningMethod):
             }
             if dense_latency is not None:
                 entry["speedup"] = round(dense_latency / prefill_latency(model, c.latency_tokens, c.latency_runs), 3)
+            del model  # one candidate in memory at a time; the winner is pruned again in place below
             candidates.append(entry)
             logger.info("shrink candidate: %s", entry)
-            if best is None or _better(entry, best[0], c.speedup):
-                best = (entry, model)
-            else:
-                del model
+            if best is None or _better(entry, best, c.speedup):
+                best = entry
         if best is None:
             raise RecipeError("shrink: no candidate mix reached the target; ask for less.")
-        entry, model = best
+        entry = best
         if c.speedup and entry["speedup"] < c.speedup:
             logger.warning(
                 "shrink: no candidate measured a %.2fx speedup here; the fastest measured %.2fx.",
                 c.speedup,
                 entry["speedup"],
             )
+        model = self._prune_candidate(ctx, entry["blocks_removed"], entry["mlp_removed"], in_place=True)
         ctx.model, ctx.adapter = model, ModelAdapter(model)
         report.details = {"candidates": candidates, "chosen": entry, "dense_params": self.budget.total}
         if dense_latency is not None:
@@ -252,11 +252,14 @@ class ShrinkMethod(PruningMethod):
         inter = getattr(config, key)
         setattr(config, key, max(8, int(inter * (1 - mlp)) // 8 * 8))
         param = next(model.parameters())
-        return type(model)(config).to(device=param.device, dtype=param.dtype).eval()
+        with torch.device(param.device):  # built where it is timed, in the model's dtype (no float32 copy)
+            return type(model)._from_config(config, dtype=param.dtype).eval()
 
-    def _prune_candidate(self, ctx: PruneContext, blocks: int, mlp: float) -> nn.Module:
+    def _prune_candidate(self, ctx: PruneContext, blocks: int, mlp: float, in_place: bool = False) -> nn.Module:
+        """The model with ``blocks`` blocks and a fraction ``mlp`` of MLP neurons removed: a copy (a candidate), or
+        the model itself (the winner, pruned again the same way: the same calibration gives the same result)."""
         c = self.config
-        model = copy.deepcopy(ctx.model)
+        model = ctx.model if in_place else copy.deepcopy(ctx.model)
         sub = dataclasses.replace(ctx, model=model, adapter=ModelAdapter(model))
         steps: list[PruningMethod] = []
         if blocks:
