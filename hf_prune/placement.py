@@ -38,16 +38,18 @@ FIT_FRACTION = 0.9
 
 
 def accelerator() -> torch.device | None:
-    """The accelerator torch can use here (CUDA, XPU, MPS), or None."""
+    """The accelerator ``device: auto`` picks here (CUDA, then XPU), or None."""
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     xpu = getattr(torch, "xpu", None)
     if xpu is not None and xpu.is_available():
         return torch.device("xpu", 0)
+    return None  # MPS only when asked for (device: mps): its kernels lack float64, which some statistics sum in
+
+
+def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return None
+    return mps is not None and mps.is_available()
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
@@ -65,8 +67,10 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         if index >= torch.cuda.device_count():
             raise RecipeError(f"device={spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible.")
         return torch.device("cuda", index)
-    if device.type in ("xpu", "mps") and (accelerator() is None or accelerator().type != device.type):
-        raise RecipeError(f"device={spec!r}, but torch sees no {device.type} device here.")
+    if device.type == "xpu" and (accelerator() is None or accelerator().type != "xpu"):
+        raise RecipeError(f"device={spec!r}, but torch sees no xpu device here.")
+    if device.type == "mps" and not _mps_available():
+        raise RecipeError(f"device={spec!r}, but torch sees no mps device here.")
     if device.type not in ("cpu", "cuda", "xpu", "mps"):
         raise RecipeError(f"device must be auto, cpu, cuda, cuda:N, xpu or mps; got {spec!r}.")
     return device
@@ -115,9 +119,10 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 def is_dispatched(model: nn.Module) -> bool:
     """Placed by accelerate (``device_map``, ``cpu_offload``, our own onloading): hooks move tensors per module."""
-    return getattr(model, "hf_device_map", None) is not None or any(
-        getattr(m, "_hf_hook", None) is not None for m in model.modules()
-    )
+    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        return True
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return len(set(device_map.values())) > 1  # one device and no hooks: a plain model on that device
 
 
 def offloaded(model: nn.Module) -> bool:

@@ -299,6 +299,14 @@ class HFPruner:
         path = work_dir or work_folder_for(self.recipe.output.dir)
         windows = ctx.calibration_ids() if not ctx.uses_images() else None
         work = WorkFolder.open(path, fingerprint(self.recipe.to_dict(), windows, self.model, place.to_dict()))
+        if windows is not None and not ctx.calibration.batch_size:  # the killed run's chunks, not today's free memory
+            from .calibration.engine import auto_batch_size
+
+            n = ctx.rank_ids().shape[0]
+            size = work.plan(
+                -1, "batch_size", lambda: auto_batch_size(self.model, n, windows.shape[1], device=place.device)
+            )
+            ctx.calibration = dataclasses.replace(ctx.calibration, batch_size=int(size))
         if work.resumed:
             restored = work.restore_blocks(self.adapter.blocks, ctx.block_context)
             logger.info("resume: %d block(s) restored as the killed prune left them.", restored)

@@ -133,8 +133,11 @@ class StreamingBlocks:
         i = next(j for j, b in enumerate(self.adapter.blocks) if b is block)
         prefix = f"{self.adapter.block_name(i)}."
         tensors = to_model_layout(self.adapter.model, self._read(i, prefix))
-        block.to_empty(device=self.device)
-        missing, unexpected = block.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items()}, strict=False)
+        dtypes = {k: v.dtype for k, v in block.state_dict().items()}
+        local = {k[len(prefix) :]: v for k, v in tensors.items()}
+        local = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in local.items()}  # the skeleton's dtype
+        # assign: the tensors read onto the device become the block's (no second copy of the block)
+        missing, unexpected = block.load_state_dict(local, strict=False, assign=True)
         if missing or unexpected:
             raise HFPruneError(
                 f"Block {i} does not match the checkpoint: missing {missing[:3]}, extra {unexpected[:3]}"

@@ -250,8 +250,14 @@ class BlockwiseEngine:
         self._inputs = None  # the engine hands its only copy of the activations to the walk
         if self.start:
             device = inputs[0].device
-            inputs = self._store([x.to(device) for x in self.resume_inputs], self.start - 1)
-            self.resume_inputs = None
+            saved = self.resume_inputs
+            if len(saved) != len(inputs) or any(a.shape != b.shape for a, b in zip(saved, inputs)):
+                raise RuntimeError(
+                    f"resume: the saved inputs of block {self.start} ({len(saved)} chunks) do not match this run's "
+                    f"calibration chunks ({len(inputs)}); the calibration batch size differs from the killed run's."
+                )
+            inputs = self._store([x.to(device) for x in saved], self.start - 1)
+            self.resume_inputs = saved = None
         n = self.adapter.num_blocks
         bar = tqdm(range(self.start, n), desc=desc, leave=False, disable=not distributed.is_main())
         self.block_seconds: list[float] = []
@@ -271,6 +277,7 @@ class BlockwiseEngine:
             inputs = self._store(list(outputs), i)
             if isinstance(previous, DiskChunks):
                 previous.remove()
+            del previous, outputs, step  # only the next block's inputs stay alive into the next iteration
             self.block_seconds.append(time.perf_counter() - started)
         if isinstance(inputs, DiskChunks):
             final = [inputs[j] for j in range(len(inputs))]

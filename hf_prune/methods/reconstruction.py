@@ -141,8 +141,10 @@ class MaskedWeights:
             ref.view_of(masks[key])[...] = True
         self.params = list(params.values())
         self.free = [masks[id(p)] & (p.data != 0) for p in self.params]  # targets' surviving entries
-        self.pruned = [p.data.clone() for p in self.params]  # the values as masked, before any refit
         self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+        # the values as masked, before any refit: the parameters themselves when separate masters are trained
+        # (they stay untouched until ``commit``), else a copy
+        self.pruned = [p.data if m is not p else p.data.clone() for p, m in zip(self.params, self.masters)]
 
     @property
     def separate_masters(self) -> bool:
@@ -150,8 +152,9 @@ class MaskedWeights:
 
     def restore(self) -> None:
         """Every entry back to its value as masked (a refit that did not help)."""
-        for p, s in zip(self.params, self.pruned):
-            p.data.copy_(s)
+        for p, m, s in zip(self.params, self.masters, self.pruned):
+            if m is p:
+                p.data.copy_(s)
 
     def commit(self) -> None:
         """The trained masters into the parameters (rounded to their dtype; zeros stay exact zeros)."""
@@ -215,8 +218,11 @@ def output_error(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> fl
     return total / max(sum(t.numel() for t in targets), 1)
 
 
-def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample], config: ReconstructConfig) -> int:
-    """Adam on the block's output error, masks fixed; returns the number of steps taken."""
+def refit_block(
+    block: nn.Module, weights: MaskedWeights, samples: list[Sample], config: ReconstructConfig, commit: bool = True
+) -> int:
+    """Adam on the block's output error, masks fixed; returns the number of steps taken. ``commit``: round the
+    trained masters into the parameters at the end (else the caller decides, after measuring the refit)."""
     scales = weights.scales()
     trainable = weights.trainable()
     groups = [{"params": [v], "lr": config.lr * max(s, 1e-8)} for v, s in zip(trainable, scales)]
@@ -228,7 +234,9 @@ def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample],
         for j in torch.randperm(len(samples), generator=generator).tolist():
             sample = samples[j]
             optimizer.zero_grad(set_to_none=True)
-            loss = sample.error(forward) / sample.target.numel()
+            # the plain sum (Adam ignores the loss scale): a mean's gradient, ~1e-9 per output element, would
+            # underflow in a float16 block's backward
+            loss = sample.error(forward)
             loss.backward()
             weights.mask_gradients()
             optimizer.step()
@@ -236,7 +244,8 @@ def refit_block(block: nn.Module, weights: MaskedWeights, samples: list[Sample],
             steps += 1
     for v in trainable:
         v.grad = None
-    weights.commit()
+    if commit:
+        weights.commit()
     return steps
 
 
@@ -257,13 +266,15 @@ def reconstruct_block(
     weights = MaskedWeights(refs)
     samples = make_samples(step, targets, config.batch_size, step.engine.compute_dtype or step.inputs[0].dtype)
     with trainable_only(step.block), torch.enable_grad():
-        steps = refit_block(step.block, weights, samples, config)
+        steps = refit_block(step.block, weights, samples, config, commit=False)
     del samples
-    finite = all(bool(torch.isfinite(p.data).all()) for p in weights.params)
-    outputs = step.forward() if finite else None
+    finite = all(bool(torch.isfinite(v.data).all()) for v in weights.masters)
+    outputs = step.forward(block=weights.forward_with_masters(step.block)) if finite else None
     after = output_error(outputs, targets) if finite else float("inf")
     kept = after < before
-    if not kept:
+    if kept:
+        weights.commit()
+    else:
         weights.restore()
         outputs = pruned_outputs
     entry = {

@@ -32,6 +32,7 @@ from .reconstruction import ReconstructConfig, parse_reconstruct, reconstruct_bl
 from .targets import Coverage, select_targets
 
 MOE_CALIBRATION = (ROUTED, ALL)
+PER_BLOCK_DETAILS = ("reconstruction",)  # report entries keyed by block, carried over a resume
 
 
 @dataclass
@@ -290,7 +291,8 @@ class WeightPruningMethod(PruningMethod):
         if start:
             engine.start, engine.resume_inputs = start, ctx.work[0].inputs(start)
         engine.after_block = commit
-        sequential = self.config.true_sequential
+        # the order matters only to masks computed from statistics (magnitude + reconstruct: one pass is enough)
+        sequential = self.config.true_sequential and self.uses_statistics
         if sequential and distributed.active() and self._per_expert_linears(ctx):
             sequential = False
             logger.warning(
@@ -321,6 +323,7 @@ class WeightPruningMethod(PruningMethod):
                 self._two_pass(step, block_refs, s, report, experts)
             if reconstruction is not None:
                 self._reconstruct(step, block_refs, dense_outputs, reconstruction, report)
+            del dense_outputs
             if experts is not None:
                 moe_summary[step.index] = experts.summary()
             coverage.add_block(step.index)
@@ -355,9 +358,14 @@ class WeightPruningMethod(PruningMethod):
             with ctx.block_context(ctx.adapter.blocks[i]):
                 coverage.add_block(i)
 
+        for key, value in partial.get("details", {}).items():  # per-block entries of the finished blocks
+            if isinstance(value, dict):
+                report.details.setdefault(key, {}).update({int(k): v for k, v in value.items()})
+
         def commit(i: int, block, next_inputs) -> None:
             modules = [dataclasses.asdict(m) for m in report.modules]
-            work.commit_block(index, i, block, next_inputs, {"modules": modules})
+            per_block = {k: v for k, v in report.details.items() if k in PER_BLOCK_DETAILS}
+            work.commit_block(index, i, block, next_inputs, {"modules": modules, "details": per_block})
 
         return start, commit
 
@@ -453,6 +461,8 @@ class WeightPruningMethod(PruningMethod):
         if experts is not None:  # fused tensors: the experts module is called; a ModuleList: its parent is
             experts_module = experts.experts if experts.fused else experts._parent.module
         while True:
+            if experts_module is None and all(r.name in done for r in linears):
+                break  # nothing left to calibrate: no pass over the pruned block
             group, stats, reached_experts = self._next_group(
                 step, [r for r in linears if r.name not in done], experts_module
             )

@@ -137,7 +137,8 @@ def _carry_buffers(new_model: nn.Module, old_model: nn.Module) -> None:
             if name in old and old[name].device.type != "meta":
                 module._buffers[leaf] = old[name].clone()
             else:
-                module._buffers[leaf] = _rebuilt_buffer(module, leaf, buf)
+                device = next((t.device for t in old.values() if t.device.type != "meta"), torch.device("cpu"))
+                module._buffers[leaf] = _rebuilt_buffer(module, leaf, buf).to(device)
 
 
 def _rebuilt_buffer(module: nn.Module, leaf: str, meta: torch.Tensor) -> torch.Tensor:
