@@ -468,7 +468,8 @@ class HFPruner:
                 save_adapter(
                     self._peft_model, tmp, self._heal["mask"], self.recipe.heal.seed if self.recipe.heal else 0
                 )
-            elif placement.offloaded(self.model) and "state_dict" not in kwargs:  # onloaded / CPU- or disk-offloaded
+            elif placement.offloaded(self.model) and not getattr(self.model, "hf_device_map", None):
+                # onloaded / cpu_offload: transformers reads a device_map's offloaded weights shard by shard itself
                 from .surgery import materialized_state_dict
 
                 self.model.save_pretrained(str(tmp), state_dict=materialized_state_dict(self.model), **kwargs)

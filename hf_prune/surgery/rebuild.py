@@ -68,7 +68,8 @@ class Dispatch:
                     "The rebuilt model keeps its disk-offloaded modules in CPU memory (the offload folder holds the "
                     "old shapes); reload the saved model with your device_map to offload them again."
                 )
-            dispatch_model(model, device_map=device_map)
+            skip = getattr(model, "_skip_keys_device_placement", None)
+            dispatch_model(model, device_map=device_map, skip_keys=skip)
         if self.onloaded:
             model.hf_prune_onloaded = self.onloaded
         return model
