@@ -19,6 +19,18 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "opt", 
 MOE_FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss", "olmoe", "qwen2_moe", "deepseek_v3", "llama4_text"]
 
 
+# A 3-block tiny Llama dispatched over CPU and disk (accelerate offload): blocks 1 and 2 live in the offload folder.
+DISK_OFFLOAD_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
+
+
 def tiny_config(family: str, layers: int = 3):
     common = dict(vocab_size=VOCAB, max_position_embeddings=1024)
     attn = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4)

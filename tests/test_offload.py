@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner
 
-from .conftest import make_tiny_model
+from .conftest import DISK_OFFLOAD_MAP, make_tiny_model
 
 IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
 
@@ -39,16 +39,9 @@ def test_disk_offloaded_device_map_prunes_saves_and_leaves_offload_files_alone(
 ):
     src = tmp_path / "src"
     make_tiny_model("llama").save_pretrained(src)
-    device_map = {
-        "model.embed_tokens": "cpu",
-        "model.layers.0": "cpu",
-        "model.layers.1": "disk",
-        "model.layers.2": "disk",
-        "model.norm": "cpu",
-        "model.rotary_emb": "cpu",
-        "lm_head": "cpu",
-    }
-    model = AutoModelForCausalLM.from_pretrained(src, device_map=device_map, offload_folder=str(tmp_path / "off"))
+    model = AutoModelForCausalLM.from_pretrained(
+        src, device_map=DISK_OFFLOAD_MAP, offload_folder=str(tmp_path / "off")
+    )
     assert model.model.layers[2].mlp.up_proj.weight.device.type == "meta"
     before = {p.name: p.read_bytes() for p in (tmp_path / "off").rglob("*") if p.is_file()}
     source_bytes = (src / "model.safetensors").read_bytes()
