@@ -157,6 +157,11 @@ def sweep(args: argparse.Namespace) -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "block_seconds"}), flush=True)
             (out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_report(rows, args.methods, out)
+
+
+def write_report(rows: list[dict], methods: list[str], out: Path) -> None:
+    """The table, the cost model and its 70B prediction, and the plot, from the measured rows."""
     lines = [
         "| shape | method | block params | checkpoint | peak RSS | RSS / checkpoint | s per block | total (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -169,7 +174,7 @@ def sweep(args: argparse.Namespace) -> None:
         )
     lines += ["", "Cost model per block (least squares over the rows above): seconds = a + b * block parameters."]
     big = SHAPES["llama3-70b"]
-    for method in args.methods:
+    for method in methods:
         pts = [(r["block_params"], r["seconds_per_block"]) for r in rows if r["method"] == method]
         if len(pts) < 2:
             continue
@@ -221,6 +226,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--device", default="auto")
+    p = sub.add_parser("report", help="table, cost model and plot from a sweep's results.json")
+    p.add_argument("--out", default="benchmarks/results/big_checkpoint")
     p = sub.add_parser("sweep")
     p.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama3.2-1b", "llama3-8b"])
     p.add_argument("--methods", nargs="+", default=["wanda"])
@@ -234,6 +241,9 @@ def main() -> None:
         build(args.shape, Path(args.out))
     elif args.command == "prune":
         print(json.dumps(prune(Path(args.model), args.method, args.nsamples, args.seqlen, args.device)))
+    elif args.command == "report":
+        rows = json.loads((Path(args.out) / "results.json").read_text())
+        write_report(rows, sorted({r["method"] for r in rows}), Path(args.out))
     else:
         sweep(args)
 

@@ -10,7 +10,17 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..utils import logger
 from .experts import ExpertRef, discover_moe, expert_linear_paths, expert_refs, is_fused
-from .table import FAMILIES, ROUTER_ROLE, TEXT_ALIASES, VLM_FAMILIES, ArchSpec, MoESpec, VLMSpec, prefixed
+from .table import (
+    FAMILIES,
+    LAYOUT_TEMPLATES,
+    ROUTER_ROLE,
+    TEXT_ALIASES,
+    VLM_FAMILIES,
+    ArchSpec,
+    MoESpec,
+    VLMSpec,
+    prefixed,
+)
 
 COMPONENTS = ("language", "vision")
 
@@ -135,6 +145,12 @@ class ModelAdapter:
                     model_type,
                 )
                 spec = None
+        self.derived_from: str | None = None  # the table layout an unlisted family was found to have exactly
+        if spec is None and self.vlm is None and model_type not in FAMILIES:
+            for name, template in LAYOUT_TEMPLATES.items():
+                if self._has_exactly(template):
+                    spec, self.derived_from = template, name
+                    break
         self.spec = spec
         if spec is not None:
             self.blocks_path = spec.blocks
@@ -152,6 +168,21 @@ class ModelAdapter:
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
         return any(is_linear(get_submodule(blocks[0], p) or nn.Identity()) for p in spec.linears.values())
+
+    def _has_exactly(self, spec: ArchSpec) -> bool:
+        """The model has this layout and nothing more in its blocks: every linear and norm of the row at its path,
+        no other linear in a block, and the row's embeddings and final norm."""
+        blocks = get_submodule(self.model, spec.blocks)
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            return False
+        block = blocks[0]
+        linears = {n for n, m in block.named_modules() if n and is_linear(m)}
+        if linears != set(spec.linears.values()):
+            return False
+        if any(get_submodule(block, p) is None for p in spec.norms.values()):
+            return False
+        paths = [*spec.embeddings, *([spec.final_norm] if spec.final_norm else [])]
+        return all(get_submodule(self.model, p) is not None for p in paths)
 
     def _discover_blocks(self) -> str:
         names = set(getattr(self.model, "_no_split_modules", None) or [])

@@ -314,6 +314,10 @@ FAMILIES: dict[str, ArchSpec] = {
     "llama4_text": LLAMA4_TEXT,
 }
 
+# Layouts an unlisted family is checked against (module paths of the linears and norms, exactly): a family with the
+# same modules gets the row's roles, so every method that needs roles (width, depth compensation, targets) works.
+LAYOUT_TEMPLATES: dict[str, ArchSpec] = {"llama": LLAMA, "gemma-sandwich": GEMMA_SANDWICH}
+
 
 # Structured width pruning (MLP neurons, attention heads): where each family's config records its widths, and which
 # config flag gives the consuming projection (down / o) a bias for compensation. Families absent here are refused.

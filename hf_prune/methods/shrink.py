@@ -242,10 +242,10 @@ class ShrinkMethod(PruningMethod):
     @staticmethod
     def _shape_only(model: nn.Module, blocks: int, mlp: float) -> nn.Module:
         """A model of the candidate's shape with random weights, for timing only."""
-        from ..adapters import WIDTH_FAMILIES
+        from .width.layout import width_spec
 
         config = copy.deepcopy(model.config)
-        key = WIDTH_FAMILIES[ModelAdapter(model).family].mlp_key
+        key = width_spec(model, ModelAdapter(model)).mlp_key
         config.num_hidden_layers = config.num_hidden_layers - blocks
         if hasattr(config, "layer_types") and config.layer_types:
             config.layer_types = config.layer_types[: config.num_hidden_layers]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters import WIDTH_FAMILIES, WIDTH_REFUSED, LinearRef, ModelAdapter, WidthSpec, weight_out_in
+from ...adapters import WIDTH_REFUSED, LinearRef, ModelAdapter, WidthSpec, weight_out_in
 from ...calibration.engine import BlockStep, hooks
 from ...errors import RecipeError, UnsupportedModelError
 from ...report import StepReport
@@ -19,6 +19,7 @@ from ...utils import logger
 from ..base import PruningMethod, StepConfig
 from ..context import PruneContext
 from . import scores as S
+from .layout import plan_mismatch, width_spec
 from .surgery import keep_inputs, keep_outputs, rebuild_plain
 
 # (producers: their output channels are the pruned ones, consumer: reads them) per part of the block
@@ -141,11 +142,7 @@ class WidthMethod(PruningMethod):
                 f"width: {family} is a mixture of experts; remove whole experts with {{method: experts}} instead "
                 "(expert widths are not supported yet)."
             )
-        spec = WIDTH_FAMILIES.get(family)
-        if spec is None:
-            raise UnsupportedModelError(
-                f"width: no width layout for {family} (supported: {', '.join(sorted(WIDTH_FAMILIES))})."
-            )
+        spec = width_spec(ctx.model, adapter)
         if c.heads and not spec.heads:
             raise UnsupportedModelError(
                 f"width.heads: {family}'s attention derives head_dim from hidden_size, so fewer heads cannot be "
@@ -168,6 +165,13 @@ class WidthMethod(PruningMethod):
                         f"width.compensate: bias needs a bias on {consumer.local}, which {family}'s config cannot "
                         "give it; use compensate: least_squares (no bias needed) or none."
                     )
+        if not c.per_block:  # the family's own class must describe the narrowed model exactly
+            problem = plan_mismatch(ctx.model, adapter, self.plain_updates(plan), *self._cut_shapes(plan))
+            if problem:
+                raise UnsupportedModelError(
+                    f"width: {family}'s config cannot describe the narrowed model ({problem}). Nothing was changed; "
+                    + ("try mlp only, or per_block: true." if c.heads else "please report the architecture.")
+                )
         if c.per_block:
             from ..slicegpt.method import SLICEABLE
 
@@ -331,19 +335,34 @@ class WidthMethod(PruningMethod):
 
     # ------------------------------------------------------------------ the saved model
     def finalize(self, model: nn.Module, adapter: ModelAdapter, plans, uniform: Plan) -> nn.Module:
+        if plans is None:
+            return rebuild_plain(model, self.plain_updates(uniform))
+        return self._rebuild_per_block(model, adapter)
+
+    def plain_updates(self, plan: Plan) -> dict[str, Any]:
+        """The config keys a uniform plan changes (widths, head counts, bias flags for compensation)."""
         c, spec, geo = self.config, self.spec, self.geo
-        biases = {}
+        updates: dict[str, Any] = {spec.mlp_key: plan.mlp_keep}
         if c.compensate == "bias":
             for part, flag in (("mlp", spec.mlp_bias_key), ("heads", spec.attention_bias_key)):
                 if getattr(c, part) and flag is not None:
-                    biases[flag] = True
-        if plans is None:
-            updates: dict[str, Any] = {spec.mlp_key: uniform.mlp_keep, **biases}
-            if c.heads:
-                heads, kv = self._head_counts(uniform.unit_keep)
-                updates.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=geo.head_dim)
-            return rebuild_plain(model, updates)
-        return self._rebuild_per_block(model, adapter)
+                    updates[flag] = True
+        if c.heads:
+            heads, kv = self._head_counts(plan.unit_keep)
+            updates.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=geo.head_dim)
+        return updates
+
+    def _cut_shapes(self, plan: Plan) -> tuple[dict[str, int], dict[str, int]]:
+        """(new output width, new input width) per role after a uniform cut."""
+        rows, cols = {}, {}
+        if self.config.mlp:
+            rows.update(gate=plan.mlp_keep, up=plan.mlp_keep)
+            cols["down"] = plan.mlp_keep
+        if self.config.heads:
+            heads, kv = self._head_counts(plan.unit_keep)
+            rows.update(q=heads * self.geo.head_dim, k=kv * self.geo.head_dim, v=kv * self.geo.head_dim)
+            cols["o"] = heads * self.geo.head_dim
+        return rows, cols
 
     def _head_counts(self, unit_keep: int) -> tuple[int, int]:
         geo = self.geo

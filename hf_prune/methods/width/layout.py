@@ -1,0 +1,74 @@
+"""Where a family records its widths, and whether its config can describe the narrowed model: the table's row, or
+one derived from what the adapter knows (roles of the linears, the config's size keys), checked by building the
+narrowed model's skeleton on the meta device and comparing every parameter shape of a block."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...adapters import WIDTH_FAMILIES, ModelAdapter, WidthSpec, is_transposed, weight_out_in
+from ...errors import UnsupportedModelError
+
+MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+
+
+def width_spec(model: nn.Module, adapter: ModelAdapter) -> WidthSpec:
+    """The table's row for the family, or one derived from the config (verified later by ``plan_mismatch``)."""
+    row = WIDTH_FAMILIES.get(adapter.family)
+    if row is not None:
+        return row
+    roles = {r.role for r in adapter.linears(0)}
+    if adapter.spec is None or not {"down", "o"} <= roles:
+        raise UnsupportedModelError(
+            f"width: {adapter.family} has no layout hf_prune knows (the roles of its block's linears: "
+            f"{sorted(roles)}); add a row to hf_prune/adapters/table.py."
+        )
+    config = model.config
+    down = next(r for r in adapter.linears(0) if r.role == "down")
+    key = next((k for k in MLP_KEYS if getattr(config, k, None) == down.in_features), None)
+    if key is None:
+        raise UnsupportedModelError(
+            f"width: no config key of {adapter.family} ({', '.join(MLP_KEYS)}) holds its MLP width "
+            f"{down.in_features}, so a narrower MLP cannot be saved as a plain checkpoint."
+        )
+    return WidthSpec(
+        mlp_key=key,
+        heads=True,
+        mlp_bias_key="mlp_bias" if hasattr(config, "mlp_bias") else None,
+        attention_bias_key="attention_bias" if hasattr(config, "attention_bias") else None,
+    )
+
+
+def plan_mismatch(
+    model: nn.Module, adapter: ModelAdapter, updates: dict, rows: dict[str, int], cols: dict[str, int]
+) -> str | None:
+    """Build the model ``updates`` describe (on meta) and compare a block's parameter shapes with the ones the cut
+    leaves (``rows``/``cols``: new output / input width per role); the first difference, or None. Biases only the
+    new config has are fine (a bias flag turned on: zero-filled)."""
+    try:
+        config = type(model.config).from_dict({**model.config.to_dict(), **updates})
+        with torch.device("meta"):
+            skeleton = type(model)._from_config(config)
+    except Exception as exc:  # noqa: BLE001 - the config class refuses the widths: say why
+        return f"{type(model.config).__name__} refuses {updates}: {str(exc).strip().splitlines()[-1]}"
+    expected = {n: tuple(p.shape) for n, p in adapter.blocks[0].named_parameters()}
+    for ref in adapter.linears(0):
+        out_features, in_features = weight_out_in(ref.module).shape
+        out_features = rows.get(ref.role, out_features)
+        in_features = cols.get(ref.role, in_features)
+        shape = (in_features, out_features) if is_transposed(ref.module) else (out_features, in_features)
+        expected[f"{ref.local}.weight"] = shape
+        if ref.module.bias is not None:
+            expected[f"{ref.local}.bias"] = (out_features,)
+    got = {n: tuple(p.shape) for n, p in ModelAdapter(skeleton).blocks[0].named_parameters()}
+    for name in sorted(set(expected) | set(got)):
+        if name not in got:
+            return f"{name} would be missing on reload"
+        if name not in expected:
+            if name.endswith(".bias"):
+                continue
+            return f"{name} would appear on reload"
+        if expected[name] != got[name]:
+            return f"{name} would be {expected[name]} after the cut, but the config describes {got[name]}"
+    return None
