@@ -65,3 +65,17 @@ def test_bad_targets_are_refused_before_any_work(step, message, tokenizer, tiny_
     model = make_tiny_model("llama")
     with pytest.raises(RecipeError, match=message):
         HFPruner(model, tokenizer, tiny_recipe({"method": "shrink", **step})).prune()
+
+
+def test_shrink_candidates_can_compensate_depth(tokenizer, tiny_recipe):
+    """depth_compensate reaches the depth step of every candidate: the same blocks go, the model differs."""
+    ids = torch.randint(0, 3000, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits, removed = {}, {}
+    for compensate in ("none", "least_squares"):
+        step = {"params": 0.99, "depth_shares": [1.0], "depth_compensate": compensate}
+        pruner, details, total = _shrink(step, tokenizer, tiny_recipe)
+        removed[compensate] = details["chosen"]["blocks_removed"]
+        with torch.no_grad():
+            logits[compensate] = pruner.model(input_ids=ids).logits
+    assert removed["none"] == removed["least_squares"] >= 1
+    assert not torch.allclose(logits["none"], logits["least_squares"])

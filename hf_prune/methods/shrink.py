@@ -40,6 +40,8 @@ class ShrinkConfig(StepConfig):
             (the rest by removing MLP neurons of the remaining blocks). 0 = width only, 1 = depth only.
         criterion, compensate: the width step's (see ``width``).
         depth_criterion: the depth step's block score (see ``depth``).
+        depth_compensate: the depth step's compensation (``none`` / ``least_squares``: each removed run replaced
+            by a fitted linear map folded into the block before it; see ``depth``).
         eval_nsamples: held-out calibration windows (the calibration source, next seed) on which candidates are
             compared by perplexity.
         latency_tokens, latency_runs: the prefill that speed targets are measured on (median of runs).
@@ -57,6 +59,7 @@ class ShrinkConfig(StepConfig):
     criterion: str = "fluctuation"
     compensate: str = "least_squares"
     depth_criterion: str = "angular"
+    depth_compensate: str = "none"
     eval_nsamples: int = 8
     latency_tokens: int = 512
     latency_runs: int = 3
@@ -75,6 +78,8 @@ class ShrinkConfig(StepConfig):
             raise RecipeError(
                 f"shrink.criterion must be one of {', '.join(CRITERIA)}, compensate one of {', '.join(COMPENSATIONS)}."
             )
+        if self.depth_compensate not in ("none", "least_squares"):
+            raise RecipeError(f"shrink.depth_compensate must be none or least_squares, got {self.depth_compensate!r}.")
         for key in ("eval_nsamples", "latency_tokens", "latency_runs"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -155,7 +160,7 @@ class ShrinkMethod(PruningMethod):
         c = self.config
         self.budget = measure_budget(ctx.model, ctx.adapter)
         WidthMethod(WidthConfig(mlp=0.5, criterion=c.criterion, compensate=c.compensate)).preflight(ctx)
-        DepthMethod(DepthConfig(criterion=c.depth_criterion, num_blocks=1)).preflight(ctx)
+        DepthMethod(self._depth_config(1)).preflight(ctx)
         if c.params is not None:
             removed = (1 - c.params) * self.budget.total
             if not any(self.budget.mix(removed, s) for s in c.depth_shares):
@@ -263,7 +268,7 @@ class ShrinkMethod(PruningMethod):
         sub = dataclasses.replace(ctx, model=model, adapter=ModelAdapter(model))
         steps: list[PruningMethod] = []
         if blocks:
-            steps.append(DepthMethod(DepthConfig(criterion=c.depth_criterion, num_blocks=blocks)))
+            steps.append(DepthMethod(self._depth_config(blocks)))
         if mlp > 0:
             steps.append(WidthMethod(WidthConfig(mlp=mlp, criterion=c.criterion, compensate=c.compensate)))
         for step in steps:
@@ -272,6 +277,12 @@ class ShrinkMethod(PruningMethod):
             step.run(sub)
             sub.adapter = ModelAdapter(sub.model)
         return sub.model
+
+    def _depth_config(self, blocks: int) -> DepthConfig:
+        c = self.config
+        config = DepthConfig(criterion=c.depth_criterion, num_blocks=blocks, compensate=c.depth_compensate)
+        config.validate()
+        return config
 
     def pruning_config(self) -> dict[str, Any]:
         return self.config.to_dict()
