@@ -81,7 +81,8 @@ def _materialize_outside_blocks(model: nn.Module, adapter: ModelAdapter, ckpt: S
     """Give every parameter outside the decoder blocks real memory and its checkpoint value (buffers were built
     for real by the skeleton: rotary tables, embedding scales)."""
     prefix = adapter.blocks_path + "."
-    state = {k for k in model.state_dict() if not k.startswith(prefix)}
+    head = _untied_head_keys(model)  # never read by calibration (it stops at the last block): copied at the end
+    state = {k for k in model.state_dict() if not k.startswith(prefix) and k not in head}
     missing_in_ckpt = [k for k in state if k not in ckpt.weight_map]
     values = ckpt.load([k for k in state if k in ckpt.weight_map])
     for name, module in model.named_modules():
@@ -105,9 +106,33 @@ def _materialize_outside_blocks(model: nn.Module, adapter: ModelAdapter, ckpt: S
                 module._buffers[bname] = values[full]
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if not n.startswith(prefix) and p.device.type == "meta"]
+    still_meta = [
+        n
+        for n, p in model.named_parameters()
+        if not n.startswith(prefix) and p.device.type == "meta" and n not in head
+    ]
     if still_meta:
         raise HFPruneError(f"Streaming could not find {still_meta[:3]} in the checkpoint ({missing_in_ckpt[:3]}).")
+
+
+def release_freed_memory() -> None:
+    """Hand the freed block back to the OS (glibc keeps large freed chunks in its heap, so without this the resident
+    size grows block after block)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _untied_head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of an output head that is not tied to the input embeddings."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in head.parameters() if id(p) in names}
 
 
 class StreamingBlocks:
@@ -149,6 +174,7 @@ class StreamingBlocks:
         finally:
             block.to("meta")
             gc.collect()
+            release_freed_memory()
 
     def _read(self, i: int, prefix: str) -> dict[str, torch.Tensor]:
         """Block i as the previous step left it (its output shard), or from the source checkpoint the first time."""
@@ -227,7 +253,8 @@ def prune_streaming(
     for method in methods:
         method.preflight(ctx)
     place.log()
-    n_shards = adapter.num_blocks + 1
+    head_keys = sorted(k for k in _untied_head_keys(model) if k in ckpt.weight_map)
+    n_shards = adapter.num_blocks + 1 + len(head_keys)  # blocks, the rest, then each head tensor on its own
     report = PruningReport(
         model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks, placement=place.to_dict()
     )
@@ -252,9 +279,16 @@ def prune_streaming(
         if getattr(config, "tie_word_embeddings", False):
             rest.pop("lm_head.weight", None)
         rest = {k: v for k, v in rest.items() if k in ckpt.weight_map}
-        save_file(rest, str(tmp / f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"), metadata={"format": "pt"})
+        rest_file = f"model-{adapter.num_blocks + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(rest, str(tmp / rest_file), metadata={"format": "pt"})
+        head_files = {}
+        for j, key in enumerate(head_keys):  # one tensor in memory at a time
+            head_files[key] = f"model-{adapter.num_blocks + 2 + j:05d}-of-{n_shards:05d}.safetensors"
+            save_file(ckpt.load([key]), str(tmp / head_files[key]), metadata={"format": "pt"})
+            release_freed_memory()
         weight_map = {k: blocks.shard_name(i) for i, keys in blocks.written.items() for k in keys}
-        weight_map.update({k: f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors" for k in rest})
+        weight_map.update({k: rest_file for k in rest})
+        weight_map.update(head_files)
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         steps = [m.pruning_config() for m in methods]
