@@ -31,9 +31,12 @@ DISK_OFFLOAD_MAP = {
 }
 
 
+TINY_WIDTHS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+
+
 def tiny_config(family: str, layers: int = 3):
     common = dict(vocab_size=VOCAB, max_position_embeddings=1024)
-    attn = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4)
+    attn = {**TINY_WIDTHS, "num_hidden_layers": layers}
     if family == "llama":
         return transformers.LlamaConfig(**common, **attn, num_key_value_heads=2)
     if family == "mistral":

@@ -12,15 +12,9 @@ from transformers import AutoModelForCausalLM
 from hf_prune import HFPruner
 from hf_prune.errors import UnsupportedModelError
 
-COMMON = dict(
-    vocab_size=49152,
-    max_position_embeddings=1024,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+from .conftest import TINY_WIDTHS, VOCAB
+
+COMMON = dict(vocab_size=VOCAB, max_position_embeddings=1024, num_key_value_heads=2, **TINY_WIDTHS)
 DERIVED = {"granite": "GraniteConfig", "seed_oss": "SeedOssConfig", "ernie4_5": "Ernie4_5Config", "olmo": "OlmoConfig"}
 REFUSED = {"olmo2": "Olmo2Config", "starcoder2": "Starcoder2Config", "cohere": "CohereConfig"}
 IDS = torch.randint(0, 3000, (1, 12), generator=torch.Generator().manual_seed(0))
