@@ -83,6 +83,10 @@ class WorkFolder:
                 len(state["steps"]),
             )
         else:
+            if folder.path.exists() and any(folder.path.iterdir()):  # never adopt (and later delete) a user's folder
+                raise RecipeError(
+                    f"{folder.path} is not empty and holds no hf_prune work state; choose another work folder."
+                )
             folder.path.mkdir(parents=True, exist_ok=True)
             folder._write_state()
         return folder

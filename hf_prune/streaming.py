@@ -253,7 +253,9 @@ def prune_streaming(
     for method in methods:
         method.preflight(ctx)
     place.log()
-    head_keys = sorted(k for k in _untied_head_keys(model) if k in ckpt.weight_map)
+    head_keys = sorted(_untied_head_keys(model))
+    if any(k not in ckpt.weight_map for k in head_keys):
+        raise HFPruneError(f"Streaming could not find the output head {head_keys} in the checkpoint {folder}.")
     n_shards = adapter.num_blocks + 1 + len(head_keys)  # blocks, the rest, then each head tensor on its own
     report = PruningReport(
         model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks, placement=place.to_dict()

@@ -86,3 +86,35 @@ def test_the_map_lowers_the_replaced_runs_error_on_smollm2(smollm2_path, tokeniz
     entries = pruner.prune().steps[0].details["compensation"]
     assert entries and all(e["compensated"] for e in entries)
     assert all(e["error_compensated"] < 0.8 * e["error_removed"] for e in entries)
+
+
+def test_scaled_or_post_norm_residuals_are_refused(tokenizer, tiny_recipe):
+    from transformers import GraniteConfig, OPTConfig
+
+    step = {"method": "depth", "num_blocks": 1, "compensate": "least_squares"}
+    granite = AutoModelForCausalLM.from_config(
+        GraniteConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            residual_multiplier=0.22,
+        )  # fmt: skip
+    )
+    with pytest.raises(RecipeError, match="residual branch is scaled"):
+        HFPruner(granite, tokenizer, tiny_recipe(step)).prune()
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            do_layer_norm_before=False,
+        )  # fmt: skip
+    )
+    with pytest.raises(RecipeError, match="normalize after the residual"):
+        HFPruner(opt, tokenizer, tiny_recipe(step)).prune()

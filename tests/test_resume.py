@@ -157,3 +157,31 @@ def test_resume_onloaded(tmp_path, tokenizer, tiny_recipe, monkeypatch):
 
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_killed_after_the_last_blocks_commit(tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    """A kill between the last block's commit and the step's: the resume has no block left to walk."""
+    from hf_prune.resume import WorkFolder
+
+    steps = RECIPES["sparsegpt"]
+    reference = make_tiny_model("llama")
+    HFPruner(reference, tokenizer, _recipe(tiny_recipe, steps, tmp_path / "ref")).prune()
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(WorkFolder, "commit_step", lambda self, *a: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, steps, out)).prune(resume=True)
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, _recipe(tiny_recipe, steps, out))
+    report = pruner.prune(resume=True)
+    assert len(report.steps[0].modules) == 21
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), pruner.model.state_dict().values()))
+
+
+def test_a_folder_that_is_not_a_work_folder_is_never_adopted(tmp_path, tokenizer, tiny_recipe):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    recipe = _recipe(tiny_recipe, RECIPES["sparsegpt"], tmp_path / "out")
+    with pytest.raises(RecipeError, match="holds no hf_prune work state"):
+        HFPruner(make_tiny_model("llama"), tokenizer, recipe).prune(resume=True, work_dir=mine)
+    assert (mine / "notes.txt").read_text() == "keep"

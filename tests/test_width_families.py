@@ -56,3 +56,16 @@ def test_other_layouts_are_refused_before_any_work(family, tokenizer, tiny_recip
     with pytest.raises(UnsupportedModelError, match="no layout hf_prune knows"):
         HFPruner(model, tokenizer, tiny_recipe({"method": "width", "mlp": 0.5})).prune()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_moe_model_whose_first_block_is_dense_keeps_its_experts():
+    """The layout must hold in every block: GLM-4-MoE's dense first block does not make it a Llama."""
+    from hf_prune.adapters import ModelAdapter
+
+    config = T.Glm4MoeConfig(
+        **COMMON, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = ModelAdapter(model)
+    assert adapter.derived_from is None and adapter.moe_blocks() == [1, 2]

@@ -170,17 +170,19 @@ class ModelAdapter:
         return any(is_linear(get_submodule(blocks[0], p) or nn.Identity()) for p in spec.linears.values())
 
     def _has_exactly(self, spec: ArchSpec) -> bool:
-        """The model has this layout and nothing more in its blocks: every linear and norm of the row at its path,
-        no other linear in a block, and the row's embeddings and final norm."""
+        """The model has this layout and nothing more in its blocks: in every block, every linear and norm of the row
+        at its path, no other linear and no fused (3-D) expert tensor; and the row's embeddings and final norm."""
         blocks = get_submodule(self.model, spec.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
-        block = blocks[0]
-        linears = {n for n, m in block.named_modules() if n and is_linear(m)}
-        if linears != set(spec.linears.values()):
-            return False
-        if any(get_submodule(block, p) is None for p in spec.norms.values()):
-            return False
+        for block in blocks:  # every block: a MoE model may start with dense blocks
+            linears = {n for n, m in block.named_modules() if n and is_linear(m)}
+            if linears != set(spec.linears.values()):
+                return False
+            if any(get_submodule(block, p) is None for p in spec.norms.values()):
+                return False
+            if any(p.dim() > 2 for p in block.parameters()):  # fused expert tensors
+                return False
         paths = [*spec.embeddings, *([spec.final_norm] if spec.final_norm else [])]
         return all(get_submodule(self.model, p) is not None for p in paths)
 

@@ -287,6 +287,8 @@ class WeightPruningMethod(PruningMethod):
                     if commit is not None:
                         commit(i, block, None)
             return coverage
+        if start >= ctx.adapter.num_blocks:  # killed after the last block's commit: nothing left to walk
+            return coverage
         engine = ctx.engine()
         if start:
             engine.start, engine.resume_inputs = start, ctx.work[0].inputs(start)

@@ -150,6 +150,22 @@ class DepthMethod(PruningMethod):
                     else "hf_prune has no layout of its blocks"
                 )
                 raise RecipeError(f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}.")
+            config = ctx.model.config
+            scaled = {
+                k: v
+                for k, v in config.to_dict().items()
+                if "residual" in k and ("multiplier" in k or "scale" in k) and isinstance(v, (int, float)) and v != 1
+            }
+            if getattr(config, "do_layer_norm_before", True) is False or scaled:
+                why = (
+                    f"its residual branch is scaled ({scaled})"
+                    if scaled
+                    else "its blocks normalize after the residual"
+                )
+                raise RecipeError(
+                    f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}, so the MLP "
+                    "output is not what joins the residual stream. Use compensate: none."
+                )
         trial = c.blocks if c.blocks is not None else sorted({allowed[0], allowed[len(allowed) // 2]})[:n]
         problem = structure_mismatch(ctx.model, ctx.adapter, trial)
         if problem:
