@@ -2,8 +2,8 @@
 
 One object, decided once per prune before any calibration:
 
-- ``device``: ``auto`` (default: the accelerator torch sees, CUDA first, then XPU and MPS; else the CPU), ``cpu``, or
-  a device such as ``cuda:1``.
+- ``device``: ``auto`` (default: the accelerator torch sees, CUDA first, then XPU; else the CPU), ``cpu``, or a
+  device such as ``cuda:1`` or ``mps`` (never chosen by ``auto``: its kernels lack float64).
 - mode, how the weights get to that device:
     ``in_place``  the model stays where it is (already on the device, or dispatched by the user's ``device_map``,
                   offload included: accelerate moves each block's weights to its execution device);
@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from .errors import RecipeError
-from .utils import human_bytes, logger
+from .utils import available_memory_bytes, human_bytes, logger
 
-MODES = ("in_place", "moved", "onloaded", "streaming")
 HALF = (torch.bfloat16, torch.float16)
 # Share of the accelerator's free memory the model may take when moved whole (the rest: activations, statistics).
 FIT_FRACTION = 0.9
@@ -156,6 +155,10 @@ def calibration_headroom(model: nn.Module, adapter, nsamples: int, seqlen: int) 
     return activations + estimate_block_bytes_per_sample(model, seqlen) + 2 * block + 3 * widest * widest * 4
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass
 class Placement:
     """Where a prune runs (see the module docstring)."""
@@ -174,26 +177,27 @@ class Placement:
     def describe(self) -> str:
         text = f"{self.device} ({self.mode}"
         if self.upcast is not None:
-            text += f"; {str(self.storage_dtype).replace('torch.', '')} weights computed in float32 per block"
+            text += f"; {dtype_name(self.storage_dtype)} weights computed in float32 per block"
         return text + ")"
 
     def to_dict(self) -> dict:
         return {
             "device": str(self.device),
             "mode": self.mode,
-            "storage_dtype": str(self.storage_dtype).replace("torch.", ""),
-            "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+            "storage_dtype": dtype_name(self.storage_dtype),
+            "compute_dtype": dtype_name(self.compute_dtype),
             "reason": self.reason,
         }
 
     def log(self) -> None:
         logger.info("Placement: %s. %s", self.describe(), self.reason)
         if self.upcast is not None:
+            name = dtype_name(self.storage_dtype)
             logger.info(
                 "This CPU has no native %s matrix instructions (flags checked): each block is computed in float32 "
                 "while it is pruned and stored back in %s.",
-                str(self.storage_dtype).replace("torch.", ""),
-                str(self.storage_dtype).replace("torch.", ""),
+                name,
+                name,
             )
 
     @contextmanager
@@ -264,8 +268,6 @@ def plan(
         return Placement(current, "in_place", storage, compute_dtype_for(current, storage), reason)
     if target.type == "cpu":
         return Placement(target, "moved", storage, compute_dtype_for(target, storage), "device: cpu")
-    from .utils import available_memory_bytes
-
     need = parameter_bytes(model) + calibration_headroom(model, adapter, nsamples, seqlen)
     free = available_memory_bytes(target)
     if onload is False or need <= FIT_FRACTION * free:

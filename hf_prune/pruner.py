@@ -21,7 +21,7 @@ from .methods.base import PruningMethod
 from .methods.context import PruneContext
 from .recipe import EvalConfig, Recipe
 from .registry import get_method
-from .report import PruningReport, count_parameters
+from .report import PruningReport, StepReport, count_parameters
 from .utils import logger, peak_cuda_bytes, peak_rss_bytes
 
 PRUNING_CONFIG_KEY = "pruning_config"
@@ -101,13 +101,6 @@ def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
     if str(config_dict.get("model_type", "")).startswith(PREFIX):
         return load_sliced(path, config_dict, **model_kwargs)
     return None
-
-
-def _step_report_from_dict(data: dict[str, Any]):
-    from .report import ModuleReport, StepReport
-
-    modules = [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in data.get("modules", [])]
-    return StepReport(**{**data, "modules": modules})
 
 
 # Steps after which healing distills from the dense teacher unless told otherwise.
@@ -243,7 +236,7 @@ class HFPruner:
             logger.info("Step %d/%d: %s", len(report.steps) + 1, len(methods), method.config.method)
             saved = work.finished_step(index) if work is not None else None
             if saved is not None:  # finished before the kill: its weights were restored
-                report.steps.append(_step_report_from_dict(saved))
+                report.steps.append(StepReport.from_dict(saved))
                 self._applied.append(method)
                 continue
             ctx.work = (work, index) if work is not None else None
@@ -484,7 +477,7 @@ class HFPruner:
 
         out = atomic_write_folder(save_directory, write, overwrite)
         logger.info("Saved the pruned model to %s", out)
-        if getattr(self, "_work", None) is not None:  # a resumable prune's work is in the saved model now
+        if self._work is not None:  # a resumable prune's work is in the saved model now
             self._work.remove()
             self._work = None
         distributed.barrier()

@@ -20,6 +20,11 @@ class ModuleReport:
     sparsity: float  # measured: fraction of exact zeros in the weight after pruning
     pruned: int  # number of weights the mask removed
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModuleReport:
+        """Back from ``asdict`` / JSON (where the shape became a list)."""
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
 
 @dataclass
 class StepReport:
@@ -29,6 +34,11 @@ class StepReport:
     time_s: float = 0.0
     modules: list[ModuleReport] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepReport:
+        """Back from ``asdict`` / JSON (a resumed prune's finished steps)."""
+        return cls(**{**data, "modules": [ModuleReport.from_dict(m) for m in data.get("modules", [])]})
 
     @property
     def sparsity(self) -> float | None:

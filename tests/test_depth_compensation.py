@@ -12,7 +12,7 @@ from hf_prune.errors import RecipeError
 from hf_prune.methods.depth.compensation import RunStatistics, fit_map, fold_into_writer, squared_error
 from hf_prune.methods.depth.method import removed_runs
 
-from .conftest import make_tiny_model
+from .conftest import TINY_WIDTHS, VOCAB, make_tiny_model, tiny_config
 
 IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
 
@@ -89,32 +89,13 @@ def test_the_map_lowers_the_replaced_runs_error_on_smollm2(smollm2_path, tokeniz
 
 
 def test_scaled_or_post_norm_residuals_are_refused(tokenizer, tiny_recipe):
-    from transformers import GraniteConfig, OPTConfig
+    from transformers import GraniteConfig
 
     step = {"method": "depth", "num_blocks": 1, "compensate": "least_squares"}
-    granite = AutoModelForCausalLM.from_config(
-        GraniteConfig(
-            vocab_size=49152,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            residual_multiplier=0.22,
-        )  # fmt: skip
-    )
+    granite = GraniteConfig(vocab_size=VOCAB, num_key_value_heads=2, residual_multiplier=0.22, **TINY_WIDTHS)
     with pytest.raises(RecipeError, match="residual branch is scaled"):
-        HFPruner(granite, tokenizer, tiny_recipe(step)).prune()
-    opt = AutoModelForCausalLM.from_config(
-        OPTConfig(
-            vocab_size=49152,
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            do_layer_norm_before=False,
-        )  # fmt: skip
-    )
+        HFPruner(AutoModelForCausalLM.from_config(granite), tokenizer, tiny_recipe(step)).prune()
+    post_norm_opt = tiny_config("opt")
+    post_norm_opt.do_layer_norm_before = False
     with pytest.raises(RecipeError, match="normalize after the residual"):
-        HFPruner(opt, tokenizer, tiny_recipe(step)).prune()
+        HFPruner(AutoModelForCausalLM.from_config(post_norm_opt), tokenizer, tiny_recipe(step)).prune()

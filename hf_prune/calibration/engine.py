@@ -257,7 +257,7 @@ class BlockwiseEngine:
                     f"calibration chunks ({len(inputs)}); the calibration batch size differs from the killed run's."
                 )
             inputs = self._store([x.to(device) for x in saved], self.start - 1)
-            self.resume_inputs = saved = None
+            self.resume_inputs = None
         n = self.adapter.num_blocks
         bar = tqdm(range(self.start, n), desc=desc, leave=False, disable=not distributed.is_main())
         self.block_seconds: list[float] = []

@@ -22,6 +22,7 @@ from ..report import StepReport
 from ..utils import logger
 from .base import PruningMethod, StepConfig
 from .context import PruneContext
+from .depth.method import COMPENSATIONS as DEPTH_COMPENSATIONS
 from .depth.method import DepthConfig, DepthMethod
 from .width.method import WidthConfig, WidthMethod
 from .width.scores import COMPENSATIONS, CRITERIA
@@ -78,8 +79,11 @@ class ShrinkConfig(StepConfig):
             raise RecipeError(
                 f"shrink.criterion must be one of {', '.join(CRITERIA)}, compensate one of {', '.join(COMPENSATIONS)}."
             )
-        if self.depth_compensate not in ("none", "least_squares"):
-            raise RecipeError(f"shrink.depth_compensate must be none or least_squares, got {self.depth_compensate!r}.")
+        if self.depth_compensate not in DEPTH_COMPENSATIONS:
+            raise RecipeError(
+                f"shrink.depth_compensate must be one of {', '.join(DEPTH_COMPENSATIONS)}, "
+                f"got {self.depth_compensate!r}."
+            )
         for key in ("eval_nsamples", "latency_tokens", "latency_runs"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -355,7 +355,7 @@ class WeightPruningMethod(PruningMethod):
         work, index = ctx.work
         start = work.start(index)
         partial = work.partial_report(index) or {}
-        report.modules += [ModuleReport(**{**m, "shape": tuple(m["shape"])}) for m in partial.get("modules", [])]
+        report.modules += [ModuleReport.from_dict(m) for m in partial.get("modules", [])]
         for i in range(start):
             with ctx.block_context(ctx.adapter.blocks[i]):
                 coverage.add_block(i)
@@ -454,9 +454,8 @@ class WeightPruningMethod(PruningMethod):
         """True-sequential order when the calibration runs in several chunks: one pass over every chunk per group of
         targets that read the same input (q/k/v, then o, then gate/up, then down; the routed experts as one group),
         each pass stopping at the first target not of its group; the group is pruned after its pass, so the next
-        group is calibrated on the pruned group's outputs. The masks equal the one-chunk run's up to summation order
-        ; the engine then runs the pruned
-        block for the next block's inputs."""
+        group is calibrated on the pruned group's outputs. The masks equal the one-chunk run's up to summation order;
+        the engine then runs the pruned block for the next block's inputs."""
         linears, expert_refs = split_refs(refs)
         done: set[str] = set()
         experts_module = None

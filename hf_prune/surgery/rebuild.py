@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration.offload import _hooks_of, _tensor_names
+from ..calibration.offload import _tensor_names, offload_hooks
 from ..utils import logger
 
 # Keys a rebuilt model may lack in the old state dict: non-persistent rotary tables.
@@ -19,19 +19,26 @@ def materialized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every offloaded (meta) tensor replaced by its value in accelerate's weights map
     (CPU memory or the disk offload, as the offload hooks hold it after pruning); tensors on devices stay there."""
     state = model.state_dict()
-    for module_name, module in model.named_modules():
-        for hook in _hooks_of(module):
-            weights_map = getattr(hook, "weights_map", None)
-            if not getattr(hook, "offload", False) or weights_map is None:
-                continue
-            for name in _tensor_names(module, hook):
-                key = f"{module_name}.{name}" if module_name else name
-                if key in state and state[key].device.type == "meta":
-                    state[key] = weights_map[name]
+    names = {id(m): n for n, m in model.named_modules()}
+    for module, hook in offload_hooks(model):
+        prefix = f"{names[id(module)]}." if names[id(module)] else ""
+        for name in _tensor_names(module, hook):
+            if state.get(prefix + name) is not None and state[prefix + name].device.type == "meta":
+                state[prefix + name] = hook.weights_map[name]
     still = [k for k, v in state.items() if v.device.type == "meta"]
     if still:
         raise RuntimeError(f"Cannot read {still[:3]} of the offloaded model (meta tensors without a weights map).")
     return state
+
+
+def parameter_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
+def skeleton(model: nn.Module, config) -> nn.Module:
+    """The model ``config`` describes, of ``model``'s class, with no memory behind its weights (to compare shapes)."""
+    with torch.device("meta"):
+        return type(model)._from_config(config)
 
 
 @dataclass
@@ -47,12 +54,11 @@ class Dispatch:
     def of(cls, model: nn.Module) -> Dispatch:
         device_map = getattr(model, "hf_device_map", None)
         onloaded = getattr(model, "hf_prune_onloaded", None)
-        if device_map and len(set(device_map.values())) > 1 or (device_map and _has_offload(model)):
+        offloaded = next(offload_hooks(model), None)
+        if device_map and (len(set(device_map.values())) > 1 or offloaded is not None):
             return cls("device_map", dict(device_map), onloaded=onloaded)
-        for module in model.modules():
-            for hook in _hooks_of(module):
-                if getattr(hook, "offload", False):
-                    return cls("offload", execution_device=torch.device(hook.execution_device), onloaded=onloaded)
+        if offloaded is not None:
+            return cls("offload", execution_device=torch.device(offloaded[1].execution_device), onloaded=onloaded)
         return cls("none")
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -73,10 +79,6 @@ class Dispatch:
         if self.onloaded:
             model.hf_prune_onloaded = self.onloaded
         return model
-
-
-def _has_offload(model: nn.Module) -> bool:
-    return any(getattr(h, "offload", False) for m in model.modules() for h in _hooks_of(m))
 
 
 def rebuild_model(

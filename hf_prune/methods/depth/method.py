@@ -140,31 +140,11 @@ class DepthMethod(PruningMethod):
                 f"{len(allowed)} removable blocks."
             )
         if c.compensate == "least_squares":
-            spec = ctx.adapter.spec
-            if spec is None or "mlp_out" in spec.norms or ctx.adapter.moe_blocks():
-                why = (
-                    "its MLP output is normalized before it joins the residual stream (sandwich norms)"
-                    if spec is not None and "mlp_out" in spec.norms
-                    else "its blocks have no single MLP down projection to fold the map into (mixture of experts)"
-                    if spec is not None
-                    else "hf_prune has no layout of its blocks"
-                )
-                raise RecipeError(f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}.")
-            config = ctx.model.config
-            scaled = {
-                k: v
-                for k, v in config.to_dict().items()
-                if "residual" in k and ("multiplier" in k or "scale" in k) and isinstance(v, (int, float)) and v != 1
-            }
-            if getattr(config, "do_layer_norm_before", True) is False or scaled:
-                why = (
-                    f"its residual branch is scaled ({scaled})"
-                    if scaled
-                    else "its blocks normalize after the residual"
-                )
+            why = _why_not_compensable(ctx)
+            if why:
                 raise RecipeError(
-                    f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}, so the MLP "
-                    "output is not what joins the residual stream. Use compensate: none."
+                    f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}. "
+                    "Use compensate: none."
                 )
         trial = c.blocks if c.blocks is not None else sorted({allowed[0], allowed[len(allowed) // 2]})[:n]
         problem = structure_mismatch(ctx.model, ctx.adapter, trial)
@@ -356,6 +336,28 @@ class DepthMethod(PruningMethod):
         report.details = details
         report.time_s = time.perf_counter() - start
         return report
+
+
+def _why_not_compensable(ctx: PruneContext) -> str | None:
+    """Why the map cannot be folded into the down projection before a run (None: it can): the block's output must be
+    its input plus attention plus the down projection's output, unscaled and unnormalized."""
+    spec, config = ctx.adapter.spec, ctx.model.config
+    if spec is None:
+        return "hf_prune has no layout of its blocks"
+    if "mlp_out" in spec.norms:
+        return "its MLP output is normalized before it joins the residual stream (sandwich norms)"
+    if ctx.adapter.moe_blocks():
+        return "its blocks have no single MLP down projection to fold the map into (mixture of experts)"
+    scaled = {
+        k: v
+        for k, v in config.to_dict().items()
+        if "residual" in k and ("multiplier" in k or "scale" in k) and isinstance(v, (int, float)) and v != 1
+    }
+    if scaled:
+        return f"its residual branch is scaled ({scaled}), so the MLP output is not what joins the residual stream"
+    if getattr(config, "do_layer_norm_before", True) is False:
+        return "its blocks normalize after the residual, so the MLP output is not what joins the residual stream"
+    return None
 
 
 def _recorder(store: list[torch.Tensor]):

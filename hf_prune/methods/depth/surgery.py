@@ -13,10 +13,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
 from ...adapters import ModelAdapter
+from ...surgery import parameter_shapes, skeleton
 
 # Top-level config lists that are not per-layer even if their length happens to equal the number of blocks.
 _NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids"}
@@ -100,16 +100,6 @@ def remove_blocks(model: nn.Module, adapter: ModelAdapter, remove: list[int]) ->
     return changes
 
 
-def _block_signature(block: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in block.named_parameters()}
-
-
-def _skeleton(model: nn.Module, config) -> nn.Module:
-    """The model ``config`` describes, with no memory behind its weights."""
-    with torch.device("meta"):
-        return type(model)._from_config(config)
-
-
 def structure_mismatch(model: nn.Module, adapter: ModelAdapter, remove: list[int] | None = None) -> str | None:
     """Build what the config describes (after removing blocks ``remove``, simulated on a copy of the config) and
     compare its blocks with the model's kept blocks; a description of the first difference, or None."""
@@ -120,11 +110,11 @@ def structure_mismatch(model: nn.Module, adapter: ModelAdapter, remove: list[int
         renumber_config(text_config_of(config), old, keep)
         if text_config_of(config) is not config and hasattr(config, "num_hidden_layers"):
             config.num_hidden_layers = len(keep)
-    skeleton_blocks = ModelAdapter(_skeleton(model, config)).blocks
+    skeleton_blocks = ModelAdapter(skeleton(model, config)).blocks
     if len(skeleton_blocks) != len(keep):
         return f"the config describes {len(skeleton_blocks)} blocks, the model keeps {len(keep)}"
     for new, original in enumerate(keep):
-        want, have = _block_signature(skeleton_blocks[new]), _block_signature(adapter.blocks[original])
+        want, have = parameter_shapes(skeleton_blocks[new]), parameter_shapes(adapter.blocks[original])
         if want != have:
             diff = sorted(set(want.items()) ^ set(have.items()))[:3]
             return f"block {original} (new index {new}) would reload differently: {diff}"

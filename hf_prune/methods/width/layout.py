@@ -4,11 +4,11 @@ narrowed model's skeleton on the meta device and comparing every parameter shape
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ...adapters import WIDTH_FAMILIES, ModelAdapter, WidthSpec, is_transposed, weight_out_in
 from ...errors import UnsupportedModelError
+from ...surgery import parameter_shapes, skeleton
 
 MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
@@ -47,12 +47,10 @@ def plan_mismatch(
     leaves (``rows``/``cols``: new output / input width per role); the first difference, or None. Biases only the
     new config has are fine (a bias flag turned on: zero-filled)."""
     try:
-        config = type(model.config).from_dict({**model.config.to_dict(), **updates})
-        with torch.device("meta"):
-            skeleton = type(model)._from_config(config)
+        narrowed = skeleton(model, type(model.config).from_dict({**model.config.to_dict(), **updates}))
     except Exception as exc:  # noqa: BLE001 - the config class refuses the widths: say why
         return f"{type(model.config).__name__} refuses {updates}: {str(exc).strip().splitlines()[-1]}"
-    expected = {n: tuple(p.shape) for n, p in adapter.blocks[0].named_parameters()}
+    expected = parameter_shapes(adapter.blocks[0])
     for ref in adapter.linears(0):
         out_features, in_features = weight_out_in(ref.module).shape
         out_features = rows.get(ref.role, out_features)
@@ -61,7 +59,7 @@ def plan_mismatch(
         expected[f"{ref.local}.weight"] = shape
         if ref.module.bias is not None:
             expected[f"{ref.local}.bias"] = (out_features,)
-    got = {n: tuple(p.shape) for n, p in ModelAdapter(skeleton).blocks[0].named_parameters()}
+    got = parameter_shapes(ModelAdapter(narrowed).blocks[0])
     for name in sorted(set(expected) | set(got)):
         if name not in got:
             return f"{name} would be missing on reload"
