@@ -12,6 +12,7 @@ DENSE = {
     "width-bias": {"method": "width", "mlp": 0.5, "compensate": "bias"},
     "width-per-block": {"method": "width", "mlp": 0.5, "per_block": True},
     "width-heads": {"method": "width", "heads": 0.5},
+    "width-hidden": {"method": "width", "hidden": 0.25, "mlp": 0.25},
     "depth": {"method": "depth", "num_blocks": 1},
     "shrink": {"method": "shrink", "params": 0.99, "depth_shares": [0, 1], "eval_nsamples": 2},
     "slicegpt": {"method": "slicegpt", "slicing": 0.25},

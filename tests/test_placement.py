@@ -52,7 +52,7 @@ def test_onloaded_prune_equals_in_memory(name, tokenizer, tiny_recipe, tmp_path)
     assert torch.allclose(_logits(reloaded), _logits(reference.model), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["width-ls", "width-heads", "width-per-block"])
+@pytest.mark.parametrize("name", ["width-ls", "width-heads", "width-per-block", "width-hidden"])
 def test_cpu_offloaded_structural_steps_keep_the_offload(name, tokenizer, tiny_recipe):
     """A model the user wrapped with accelerate.cpu_offload: width rebuilds it and offloads the result again."""
     reference = _in_memory(tokenizer, tiny_recipe(STEPS[name]))
@@ -63,16 +63,18 @@ def test_cpu_offloaded_structural_steps_keep_the_offload(name, tokenizer, tiny_r
     assert torch.allclose(_logits(pruner.model), _logits(reference.model), atol=1e-5, rtol=1e-4)
 
 
-def test_disk_offloaded_width_prunes_and_reloads(tmp_path, tokenizer, tiny_recipe):
+@pytest.mark.parametrize("name", ["width-ls", "width-hidden"])
+def test_disk_offloaded_width_prunes_and_reloads(name, tmp_path, tokenizer, tiny_recipe):
     src = tmp_path / "src"
     make_tiny_model("llama").save_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(
         src, device_map=DISK_OFFLOAD_MAP, offload_folder=str(tmp_path / "off")
     )
-    reference = _in_memory(tokenizer, tiny_recipe(STEPS["width-ls"]))
-    pruner = HFPruner(model, tokenizer, tiny_recipe(STEPS["width-ls"]))
+    reference = _in_memory(tokenizer, tiny_recipe(STEPS[name]))
+    pruner = HFPruner(model, tokenizer, tiny_recipe(STEPS[name]))
     pruner.prune()
-    assert pruner.model.config.intermediate_size == 64
+    for key in ("hidden_size", "intermediate_size"):
+        assert getattr(pruner.model.config, key) == getattr(reference.model.config, key)
     got = _logits(pruner.model)
     assert torch.allclose(got, _logits(reference.model), atol=1e-5, rtol=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))

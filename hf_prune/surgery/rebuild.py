@@ -88,6 +88,7 @@ def rebuild_model(
     *,
     allow_missing: Callable[[str], bool] | None = None,
     fill_missing: Callable[[nn.Module, str], torch.Tensor] | None = None,
+    edit_state: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> nn.Module:
     """The model ``build()`` makes (called under the meta device: no memory, no random init), holding ``model``'s
     tensors as they are (dtype and device kept, offloaded ones read from their weights map), placed again the way
@@ -99,9 +100,13 @@ def rebuild_model(
         who: the step, for error messages.
         allow_missing: keys of the new model the old one may lack (filled by ``fill_missing``).
         fill_missing: ``(owner module, leaf name) -> tensor`` for those keys (e.g. zero biases).
+        edit_state: edits the materialized state dict in place before it is loaded (e.g. cuts hidden channels out
+            of every tensor that holds them).
     """
     dispatch = Dispatch.of(model)
     state = materialized_state_dict(model)
+    if edit_state is not None:
+        edit_state(state)
     with torch.device("meta"):
         new_model = build()
     missing, unexpected = new_model.load_state_dict(state, strict=False, assign=True)
@@ -137,8 +142,11 @@ def _carry_buffers(new_model: nn.Module, old_model: nn.Module) -> None:
         if buf.device.type == "meta":
             owner, _, leaf = name.rpartition(".")
             module = new_model.get_submodule(owner) if owner else new_model
+            scalar = getattr(module, f"scalar_{leaf}", None)  # transformers fills it from this (Gemma's embed_scale)
             if name in old and old[name].device.type != "meta":
                 module._buffers[leaf] = old[name].clone()
+                if scalar is not None:
+                    module._buffers[leaf].fill_(scalar)
             else:
                 device = next((t.device for t in old.values() if t.device.type != "meta"), torch.device("cpu"))
                 module._buffers[leaf] = _rebuilt_buffer(module, leaf, buf).to(device)

@@ -40,26 +40,42 @@ def width_spec(model: nn.Module, adapter: ModelAdapter) -> WidthSpec:
     )
 
 
-def plan_mismatch(
-    model: nn.Module, adapter: ModelAdapter, updates: dict, rows: dict[str, int], cols: dict[str, int]
-) -> str | None:
-    """Build the model ``updates`` describe (on meta) and compare a block's parameter shapes with the ones the cut
-    leaves (``rows``/``cols``: new output / input width per role); the first difference, or None. Biases only the
-    new config has are fine (a bias flag turned on: zero-filled)."""
+def narrowed_skeleton(model: nn.Module, updates: dict) -> tuple[nn.Module | None, str | None]:
+    """The model ``updates`` describe, on meta (no memory); or None and why the config class refuses them."""
     try:
-        narrowed = skeleton(model, type(model.config).from_dict({**model.config.to_dict(), **updates}))
+        return skeleton(model, type(model.config).from_dict({**model.config.to_dict(), **updates})), None
     except Exception as exc:  # noqa: BLE001 - the config class refuses the widths: say why
-        return f"{type(model.config).__name__} refuses {updates}: {str(exc).strip().splitlines()[-1]}"
-    expected = parameter_shapes(adapter.blocks[0])
-    for ref in adapter.linears(0):
+        return None, f"{type(model.config).__name__} refuses {updates}: {str(exc).strip().splitlines()[-1]}"
+
+
+def plan_mismatch(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    narrowed: nn.Module,
+    rows: dict[str, int],
+    cols: dict[str, int],
+    stream: dict[str, int] | None = None,
+    stream_width: int | None = None,
+) -> str | None:
+    """Compare every parameter shape of ``narrowed`` (the skeleton the new config describes) with the ones the cut
+    leaves: ``rows``/``cols`` give the new output / input width per role of every block's linears, ``stream`` the
+    dimension of each state-dict key that narrows to ``stream_width`` (hidden channels). The first difference, or
+    None. Biases only the new config has are fine (a bias flag turned on: zero-filled)."""
+    expected = parameter_shapes(model)
+    for ref in adapter.all_linears():
         out_features, in_features = weight_out_in(ref.module).shape
         out_features = rows.get(ref.role, out_features)
         in_features = cols.get(ref.role, in_features)
         shape = (in_features, out_features) if is_transposed(ref.module) else (out_features, in_features)
-        expected[f"{ref.local}.weight"] = shape
+        expected[f"{ref.name}.weight"] = shape
         if ref.module.bias is not None:
-            expected[f"{ref.local}.bias"] = (out_features,)
-    got = parameter_shapes(ModelAdapter(narrowed).blocks[0])
+            expected[f"{ref.name}.bias"] = (out_features,)
+    for key, dim in (stream or {}).items():
+        if key in expected:
+            shape = list(expected[key])
+            shape[dim] = stream_width
+            expected[key] = tuple(shape)
+    got = parameter_shapes(narrowed)
     for name in sorted(set(expected) | set(got)):
         if name not in got:
             return f"{name} would be missing on reload"

@@ -19,7 +19,8 @@ from ...utils import logger
 from ..base import PruningMethod, StepConfig
 from ..context import PruneContext
 from . import scores as S
-from .layout import plan_mismatch, width_spec
+from .hidden import READERS, StreamCut, StreamRecorder, kept_channels, stream_sites
+from .layout import narrowed_skeleton, plan_mismatch, width_spec
 from .surgery import keep_inputs, keep_outputs, rebuild_plain
 
 # (producers: their output channels are the pruned ones, consumer: reads them) per part of the block
@@ -28,12 +29,16 @@ PARTS = {"mlp": (("gate", "up"), "down"), "heads": (("q", "k", "v"), "o")}
 
 @dataclass
 class WidthConfig(StepConfig):
-    """Structured width pruning: fewer MLP neurons and attention heads in every block, a smaller dense model.
+    """Structured width pruning: fewer MLP neurons, attention heads and hidden channels, a smaller dense model.
 
     Args:
         mlp: fraction of each block's MLP intermediate neurons to remove, in [0, 1).
         heads: fraction of attention heads to remove, in [0, 1): whole KV groups (a KV head and the query heads
             that share it) so the query/KV ratio stays valid; with a single KV head, query heads evenly from it.
+        hidden: fraction of the hidden (residual-stream) channels to remove everywhere they live (Minitron's
+            embedding channels): embeddings, head (tied embeddings stay tied), every norm, every projection that
+            reads or writes the stream; ranked by the criterion over the norms' outputs, each norm rescaled for the
+            channels it loses. Saved as the family's own class with a smaller ``hidden_size`` (explicit head_dim).
         criterion: ``fluctuation`` (FLAP: variance of the channel times the squared norm of the column that reads
             it), ``activation`` (Minitron: mean |activation| of the neuron / head output) or ``magnitude`` (norm of
             that column; no data).
@@ -50,23 +55,27 @@ class WidthConfig(StepConfig):
 
         steps:
           - {method: width, mlp: 0.3, heads: 0.25}    # criterion: fluctuation, compensate: least_squares
+          - {method: width, hidden: 0.25, mlp: 0.2, criterion: activation}    # Minitron's axes
     """
 
     method: str = "width"
     mlp: float = 0.0
     heads: float = 0.0
+    hidden: float = 0.0
     criterion: str = "fluctuation"
     compensate: str = "least_squares"
     per_block: bool = False
     round_to: int = 8
 
     def validate(self) -> None:
-        for key in ("mlp", "heads"):
+        for key in ("mlp", "heads", "hidden"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise RecipeError(f"width.{key} must be a fraction in [0, 1) of what to remove, got {value!r}.")
-        if not self.mlp and not self.heads:
-            raise RecipeError("width: nothing to remove; set mlp and/or heads, e.g. {method: width, mlp: 0.25}.")
+        if not self.mlp and not self.heads and not self.hidden:
+            raise RecipeError(
+                "width: nothing to remove; set mlp, heads and/or hidden, e.g. {method: width, mlp: 0.25}."
+            )
         if self.criterion not in S.CRITERIA:
             raise RecipeError(f"width.criterion must be one of {', '.join(S.CRITERIA)}, got {self.criterion!r}.")
         if self.compensate not in S.COMPENSATIONS:
@@ -75,6 +84,11 @@ class WidthConfig(StepConfig):
             )
         if not isinstance(self.per_block, bool):
             raise RecipeError(f"width.per_block must be true or false, got {self.per_block!r}.")
+        if self.per_block and self.hidden:
+            raise RecipeError(
+                "width.hidden narrows the stream of every block alike; it cannot be combined with per_block: true "
+                "(run two width steps: one with hidden, one per_block)."
+            )
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise RecipeError(f"width.round_to must be a positive integer, got {self.round_to!r}.")
 
@@ -87,6 +101,7 @@ class Geometry:
     kv_heads: int
     head_dim: int
     intermediate: int
+    hidden: int
 
     @property
     def group(self) -> int:  # query heads per KV head
@@ -104,15 +119,17 @@ def geometry(model: nn.Module, adapter: ModelAdapter, spec: WidthSpec) -> Geomet
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     down = next(r for r in adapter.linears(0) if r.role == "down")
-    return Geometry(heads, kv, head_dim, down.in_features)
+    return Geometry(heads, kv, head_dim, down.in_features, config.hidden_size)
 
 
 @dataclass
 class Plan:
-    """What one block keeps: MLP neurons, and attention units (KV groups, or query heads per group)."""
+    """What one block keeps: MLP neurons, and attention units (KV groups, or query heads per group); and the
+    stream's channels (the same in every block)."""
 
     mlp_keep: int
     unit_keep: int
+    hidden_keep: int
 
 
 class WidthMethod(PruningMethod):
@@ -124,7 +141,7 @@ class WidthMethod(PruningMethod):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         c = self.config
-        return c.criterion != "magnitude" or c.compensate != "none" or c.per_block
+        return c.criterion != "magnitude" or c.compensate != "none" or c.per_block or bool(c.hidden)
 
     # ------------------------------------------------------------------ planning and checks
     def preflight(self, ctx: PruneContext) -> None:
@@ -143,6 +160,11 @@ class WidthMethod(PruningMethod):
                 "(expert widths are not supported yet)."
             )
         spec = width_spec(ctx.model, adapter)
+        if c.hidden and not spec.heads:
+            raise UnsupportedModelError(
+                f"width.hidden: {family}'s attention derives head_dim from hidden_size, so a narrower stream cannot "
+                "keep its heads; use mlp, or slicegpt."
+            )
         if c.heads and not spec.heads:
             raise UnsupportedModelError(
                 f"width.heads: {family}'s attention derives head_dim from hidden_size, so fewer heads cannot be "
@@ -165,8 +187,14 @@ class WidthMethod(PruningMethod):
                         f"width.compensate: bias needs a bias on {consumer.local}, which {family}'s config cannot "
                         "give it; use compensate: least_squares (no bias needed) or none."
                     )
+        self.sites = None
         if not c.per_block:  # the family's own class must describe the narrowed model exactly
-            problem = plan_mismatch(ctx.model, adapter, self.plain_updates(plan), *self._cut_shapes(plan))
+            narrowed, problem = narrowed_skeleton(ctx.model, self.plain_updates(plan))
+            if narrowed is not None:
+                if c.hidden:
+                    self.sites = stream_sites(ctx.model, adapter, plan.hidden_keep, narrowed)
+                cut = self.sites.cut if self.sites else None
+                problem = plan_mismatch(ctx.model, adapter, narrowed, *self._cut_shapes(plan), cut, plan.hidden_keep)
             if problem:
                 raise UnsupportedModelError(
                     f"width: {family}'s config cannot describe the narrowed model ({problem}). Nothing was changed; "
@@ -193,7 +221,10 @@ class WidthMethod(PruningMethod):
         if c.mlp:
             mlp_keep = max(c.round_to, int(geo.intermediate * (1 - c.mlp)) // c.round_to * c.round_to)
         unit_keep = max(1, round(self.units * (1 - c.heads))) if c.heads else self.units
-        return Plan(mlp_keep, unit_keep)
+        hidden_keep = geo.hidden
+        if c.hidden:
+            hidden_keep = max(c.round_to, int(geo.hidden * (1 - c.hidden)) // c.round_to * c.round_to)
+        return Plan(mlp_keep, unit_keep, hidden_keep)
 
     # ------------------------------------------------------------------ running
     def run(self, ctx: PruneContext) -> StepReport:
@@ -204,18 +235,22 @@ class WidthMethod(PruningMethod):
         plans = self.per_block_plans(ctx, report) if c.per_block else None
         uniform = self.uniform_plan()
         details: dict[int, dict] = {}
+        self.recorder = StreamRecorder(self.sites) if c.hidden else None
+        self.module_names = {id(m): n for n, m in ctx.model.named_modules()}
+        stream_cut = None
         if self.needs_calibration:
             engine = ctx.engine()
             for step in engine.walk(desc="width"):
                 plan = plans[step.index] if plans else uniform
                 details[step.index] = self._prune_block(ctx, step.index, plan, step)
-                step.info.pop("outputs", None)  # the engine runs the narrowed block for the next block's inputs
+            if self.recorder is not None:
+                stream_cut = self._stream_cut(ctx, engine, uniform, report)
         else:
             for i, block in enumerate(ctx.adapter.blocks):
                 plan = plans[i] if plans else uniform
                 with ctx.block_context(block):
                     details[i] = self._prune_block(ctx, i, plan, None)
-        ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform)
+        ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform, stream_cut)
         total_after = sum(p.numel() for p in ctx.model.parameters())
         report.details.update(
             {
@@ -243,7 +278,17 @@ class WidthMethod(PruningMethod):
         stats: dict[str, S.ChannelStats] = {}
         if step is not None:
             parts = [p for p in PARTS if getattr(c, p)]
-            stats = consumer_statistics(step, refs, parts, c.compensate == "least_squares", keep_outputs=False)
+            extra = []
+            if self.recorder is not None:
+                readers = {r.name: r.module for r in refs.values() if r.role in READERS}
+                extra = self.recorder.hooks(self.module_names, step.block, readers)
+            # a block that loses nothing here (hidden only: its cut comes at the end) hands its outputs on as they
+            # are; otherwise the engine runs the narrowed block for the next block's inputs
+            stats = consumer_statistics(
+                step, refs, parts, c.compensate == "least_squares", keep_outputs=not parts, extra=extra
+            )
+            if self.recorder is not None:
+                self.recorder.release()
         errors = {}
         if c.mlp:
             errors["mlp"] = self._cut(refs, "mlp", self._mlp_keep(refs, stats.get("mlp"), plan.mlp_keep), stats)
@@ -312,6 +357,21 @@ class WidthMethod(PruningMethod):
         keep_inputs(consumer, keep.to(consumer.device), new_weight, shift)
         return error
 
+    def _stream_cut(self, ctx: PruneContext, engine, plan: Plan, report: StepReport) -> StreamCut:
+        """The stream channels kept (scored over the whole walk) and each norm's rescale."""
+        recorder, c = self.recorder, self.config
+        final = ctx.adapter.spec.final_norm if ctx.adapter.spec else None
+        recorder.record_final_norm_inputs(engine.final_hidden, final)
+        keep = kept_channels(recorder, c.criterion, plan.hidden_keep)
+        factors = recorder.rescale(keep)
+        report.details["hidden_size"] = {"before": self.geo.hidden, "after": plan.hidden_keep}
+        report.details["hidden_norm_rescale"] = {
+            "min": round(min(factors.values()), 6),
+            "max": round(max(factors.values()), 6),
+        }
+        report.details["hidden_embedding_scale"] = round(self.sites.embedding_scale, 6)
+        return StreamCut(self.sites, keep, factors, dict(recorder.fed_by_writer))
+
     # ------------------------------------------------------------------ per-block widths (FLAP)
     def per_block_plans(self, ctx: PruneContext, report: StepReport) -> dict[int, Plan]:
         """Widths per block from one scoring pass over the dense model: scores standardized within each block and
@@ -334,9 +394,12 @@ class WidthMethod(PruningMethod):
         return {i: Plan(mlp[i], units[i]) for i in range(n)}
 
     # ------------------------------------------------------------------ the saved model
-    def finalize(self, model: nn.Module, adapter: ModelAdapter, plans, uniform: Plan) -> nn.Module:
+    def finalize(
+        self, model: nn.Module, adapter: ModelAdapter, plans, uniform: Plan, stream_cut: StreamCut | None = None
+    ) -> nn.Module:
         if plans is None:
-            return rebuild_plain(model, self.plain_updates(uniform))
+            edit = (lambda state: stream_cut.apply(state, model)) if stream_cut is not None else None
+            return rebuild_plain(model, self.plain_updates(uniform), edit_state=edit)
         return self._rebuild_per_block(model, adapter)
 
     def plain_updates(self, plan: Plan) -> dict[str, Any]:
@@ -350,6 +413,8 @@ class WidthMethod(PruningMethod):
         if c.heads:
             heads, kv = self._head_counts(plan.unit_keep)
             updates.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=geo.head_dim)
+        if c.hidden:  # head_dim explicit: the attention must not derive it from the narrower stream
+            updates.update(hidden_size=plan.hidden_keep, head_dim=geo.head_dim)
         return updates
 
     def _cut_shapes(self, plan: Plan) -> tuple[dict[str, int], dict[str, int]]:
@@ -394,9 +459,11 @@ class WidthMethod(PruningMethod):
         return out
 
 
-def consumer_statistics(step: BlockStep, refs: dict, parts: list[str], second_moment: bool, keep_outputs: bool):
-    """Run the block once with the consumers' (down, o) inputs recorded; with ``keep_outputs`` the block's outputs
-    are handed to the engine as the next block's inputs."""
+def consumer_statistics(
+    step: BlockStep, refs: dict, parts: list[str], second_moment: bool, keep_outputs: bool, extra: list = ()
+):
+    """Run the block once with the consumers' (down, o) inputs recorded (and the ``extra`` hooks on); with
+    ``keep_outputs`` the block's outputs are handed to the engine as the next block's inputs."""
     stats = {}
     for part in parts:
         consumer = refs[PARTS[part][1]]
@@ -405,7 +472,7 @@ def consumer_statistics(step: BlockStep, refs: dict, parts: list[str], second_mo
         refs[PARTS[part][1]].module.register_forward_pre_hook(lambda m, args, st=stats[part]: st.update(args[0]))
         for part in parts
     ]
-    with hooks(handles):
+    with hooks([*handles, *extra]):
         outputs = step.forward(keep_outputs=keep_outputs)
     if keep_outputs:
         step.info["outputs"] = outputs

@@ -44,10 +44,11 @@ def keep_inputs(ref: LinearRef, columns: torch.Tensor, new_weight: torch.Tensor 
     set_linear(module, weight, bias)
 
 
-def rebuild_plain(model: nn.Module, updates: dict[str, Any]) -> nn.Module:
+def rebuild_plain(model: nn.Module, updates: dict[str, Any], edit_state=None) -> nn.Module:
     """The model as its own class under a config with ``updates`` (smaller widths, bias flags), through the one
     surgery path. Biases the new config adds and the old model lacked (a bias flag also covers sibling projections)
-    are zeros, beside their weight (same dtype and device)."""
+    are zeros, beside their weight (same dtype and device). ``edit_state`` edits the state dict before the load
+    (the hidden-channel cut)."""
     config = model.config
     new_config = type(config).from_dict({**config.to_dict(), **updates})
 
@@ -61,4 +62,5 @@ def rebuild_plain(model: nn.Module, updates: dict[str, Any]) -> nn.Module:
         "width",
         allow_missing=lambda key: key.endswith(".bias"),
         fill_missing=zero_bias,
+        edit_state=edit_state,
     )

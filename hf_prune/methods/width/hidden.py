@@ -1,0 +1,271 @@
+"""Hidden (residual-stream) channels, as Minitron prunes its embedding channels: where the stream's width lives in a
+model, what the width walk records about the stream, which channels stay, and the cut of every tensor that holds
+the stream's width, applied to the state dict the surgery path rebuilds the model from.
+
+Removing channels changes what every RMS norm divides by. Each norm's kept weights are rescaled by
+``sqrt(E[sum_kept x^2] / k / (E[sum_all x^2] / H))`` of its calibration inputs, which is exact when the removed
+channels carry nothing. A family that scales its embeddings by a function of ``hidden_size`` (Gemma: sqrt) starts
+the narrowed stream at another scale: every module that writes into the stream is scaled by the same ratio, so the
+whole stream is, which the (scale-invariant) pre-norms and the final norm do not see.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...adapters import ModelAdapter, get_submodule, is_linear, is_transposed
+from ...errors import UnsupportedModelError
+from ...surgery import materialized_state_dict
+from .scores import ChannelStats, keep_top
+
+READERS = ("q", "k", "v", "gate", "up")  # read the stream (through a norm): their input columns go
+WRITERS = ("o", "down")  # write into the stream: their output rows go
+STREAM_CRITERIA = ("activation", "fluctuation", "magnitude")
+
+
+@dataclass
+class StreamSites:
+    """Where the stream's ``width`` channels live. ``cut``: state-dict key -> the dimension holding them (embeddings,
+    head, norms, readers' inputs, writers' outputs and biases). ``norms``: every norm over the stream (module name ->
+    1 when it multiplies by ``1 + weight`` as Gemma's do, else 0). ``writers``: module names of the block linears
+    that write into the stream. ``embedding_scale``: the ratio by which the family's embedding scale changes with
+    the narrower ``hidden_size`` (1.0 for most families)."""
+
+    width: int
+    cut: dict[str, int] = field(default_factory=dict)
+    norms: dict[str, int] = field(default_factory=dict)
+    writers: list[str] = field(default_factory=list)
+    embedding_scale: float = 1.0
+
+
+def _is_stream_norm(module: nn.Module, width: int) -> bool:
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    return (
+        not is_linear(module)
+        and weight is not None
+        and weight.dim() == 1
+        and weight.shape[0] == width
+        and all(p.dim() == 1 for p in params.values())
+    )
+
+
+def stream_sites(model: nn.Module, adapter: ModelAdapter, new_width: int, narrowed: nn.Module) -> StreamSites:
+    """Every place of ``model`` that holds the stream's width; ``narrowed`` is the meta skeleton of the model with
+    ``hidden_size = new_width`` (for the embedding scale it computes). Raises before any work when a norm is not a
+    plain RMS norm (a LayerNorm centres over the channels: removing some changes every output)."""
+    width = model.config.hidden_size
+    names = {id(m): n for n, m in model.named_modules()}
+    sites = StreamSites(width)
+    for emb in adapter.embeddings():
+        if emb.weight.dim() == 2 and emb.weight.shape[1] == width:
+            sites.cut[f"{names[id(emb)]}.weight"] = 1
+    head = adapter.lm_head()
+    if head is not None and head.weight.shape[-1] == width:
+        sites.cut[f"{names[id(head)]}.weight"] = 1
+    norm_modules = []
+    final = get_submodule(model, adapter.spec.final_norm) if adapter.spec and adapter.spec.final_norm else None
+    if final is not None:
+        norm_modules.append(final)
+    for i in range(adapter.num_blocks):
+        for module in adapter.blocks[i].modules():
+            if _is_stream_norm(module, width):
+                norm_modules.append(module)
+        for ref in adapter.linears(i):
+            transposed = is_transposed(ref.module)
+            if ref.role in READERS:
+                sites.cut[f"{ref.name}.weight"] = 0 if transposed else 1
+            elif ref.role in WRITERS:
+                sites.cut[f"{ref.name}.weight"] = 1 if transposed else 0
+                if ref.module.bias is not None:
+                    sites.cut[f"{ref.name}.bias"] = 0
+                sites.writers.append(ref.name)
+    state = materialized_state_dict(model)
+    for module in norm_modules:
+        name = names[id(module)]
+        sites.norms[name] = _norm_offset(module, name, state[f"{name}.weight"])
+        for leaf, _ in module.named_parameters(recurse=False):
+            sites.cut[f"{name}.{leaf}"] = 0
+    sites.embedding_scale = _embedding_scale_ratio(model, narrowed)
+    return sites
+
+
+@torch.no_grad()
+def _norm_offset(module: nn.Module, name: str, weight: torch.Tensor) -> int:
+    """0 for ``y = w * x / rms(x)``, 1 for Gemma's ``y = (1 + w) * x / rms(x)``; found by running the norm on a
+    vector of ones (rms 1). Anything else (a LayerNorm, which centres) is refused."""
+    ones = torch.ones(1, 1, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    out = module(ones)
+    out = (out[0] if isinstance(out, tuple) else out).float().reshape(-1).cpu()
+    w = weight.float().cpu()
+    for offset in (0, 1):
+        if torch.allclose(out, w + offset, rtol=2e-2, atol=1e-3):
+            return offset
+    raise UnsupportedModelError(
+        f"width.hidden: {name} ({type(module).__name__}) is not an RMS norm (it centres or shifts the stream), so "
+        "removing hidden channels would change every output it gives; use mlp / heads, or slicegpt."
+    )
+
+
+def _embedding_scale_ratio(model: nn.Module, narrowed: nn.Module) -> float:
+    """new / old embedding multiplier, for families whose embedding module scales by a function of hidden_size."""
+    old = model.get_input_embeddings()
+    new = narrowed.get_input_embeddings()
+    old_scale = getattr(old, "scalar_embed_scale", None)
+    new_scale = getattr(new, "scalar_embed_scale", None)
+    if old_scale is None or new_scale is None or not old_scale:
+        return 1.0
+    return float(new_scale) / float(old_scale)
+
+
+class StreamRecorder:
+    """Statistics of the stream, recorded by hooks during the width walk's calibration forward of each block: per
+    norm its inputs' per-channel squares (for the rescale) and its outputs' sums (for the channel scores), the
+    squared column norms of the linears that read each norm's output, and which norms take a writer's output (Gemma's
+    post-norms: they, not the writer, put the writer's output into the stream)."""
+
+    def __init__(self, sites: StreamSites):
+        self.sites = sites
+        self.inputs: dict[str, ChannelStats] = {}
+        self.outputs: dict[str, ChannelStats] = {}
+        self.reader_columns: dict[str, torch.Tensor] = {}
+        self.fed_by_writer: dict[str, str] = {}  # norm -> the writer whose output it takes
+        self._readers_seen: set[str] = set()
+        self._last_norm_output: dict[str, torch.Tensor] = {}
+        self._last_writer_output: dict[str, torch.Tensor] = {}
+
+    def hooks(self, model_names: dict[int, str], block: nn.Module, readers: dict[str, nn.Module]) -> list:
+        handles = []
+        for module in block.modules():
+            name = model_names.get(id(module))
+            if name in self.sites.norms:
+                handles.append(module.register_forward_hook(lambda m, a, out, n=name: self._norm(n, a[0], out)))
+            elif name in self.sites.writers:
+                handles.append(module.register_forward_hook(lambda m, a, out, n=name: self._writer(n, out)))
+        for name, module in readers.items():
+            hook = lambda m, a, n=name: self._reader(n, m, a[0])  # noqa: E731
+            handles.append(module.register_forward_pre_hook(hook))
+        return handles
+
+    def _norm(self, name: str, x: torch.Tensor, out) -> None:
+        y = out[0] if isinstance(out, tuple) else out
+        if name not in self.inputs:
+            width = x.shape[-1]
+            self.inputs[name] = ChannelStats(width, y.device)
+            self.outputs[name] = ChannelStats(width, y.device)
+        self.inputs[name].update(x)
+        self.outputs[name].update(y)
+        self._last_norm_output[name] = y
+        for writer, w in self._last_writer_output.items():
+            if x is w:
+                self.fed_by_writer[name] = writer
+
+    def _writer(self, name: str, out) -> None:
+        self._last_writer_output[name] = out[0] if isinstance(out, tuple) else out
+
+    def _reader(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name in self._readers_seen:
+            return
+        for norm, y in self._last_norm_output.items():
+            if x is y:
+                weight = module.weight.t() if is_transposed(module) else module.weight
+                columns = weight.detach().float().pow(2).sum(0).double()
+                previous = self.reader_columns.get(norm)
+                self.reader_columns[norm] = columns if previous is None else previous + columns.to(previous.device)
+                self._readers_seen.add(name)
+                return
+
+    def release(self) -> None:
+        """Drop the references to the last block's activations."""
+        self._last_norm_output.clear()
+        self._last_writer_output.clear()
+
+    def record_final_norm_inputs(self, final_hidden: list[torch.Tensor], final_norm: str | None) -> None:
+        """The final norm's inputs are the last block's outputs (the engine's ``final_hidden``)."""
+        if final_norm is None or final_norm not in self.sites.norms:
+            return
+        for x in final_hidden:
+            if final_norm not in self.inputs:
+                self.inputs[final_norm] = ChannelStats(x.shape[-1], x.device)
+            self.inputs[final_norm].update(x)
+
+    # ------------------------------------------------------------------ after the walk
+    def scores(self, criterion: str) -> torch.Tensor:
+        """Importance of each stream channel, summed over the norms: activation (Minitron: mean |norm output|),
+        fluctuation (variance of the norm output times the squared norm of the columns that read it) or magnitude
+        (the norm of those columns: no data)."""
+        total = torch.zeros(self.sites.width, dtype=torch.float64)
+        for name, stats in self.outputs.items():
+            stats.all_reduce()
+            columns = self.reader_columns.get(name)
+            if criterion == "activation":
+                total += stats.mean_abs.double().cpu()
+            elif columns is not None:
+                columns = columns.cpu()
+                total += stats.variance.double().cpu() * columns if criterion == "fluctuation" else columns
+        return total.sqrt() if criterion == "magnitude" else total
+
+    def rescale(self, keep: torch.Tensor) -> dict[str, float]:
+        """Per norm, the factor that gives its kept channels the scale they had: sqrt of the ratio of the mean square
+        over the kept channels to the mean square over all, from its calibration inputs."""
+        factors = {}
+        for name in self.sites.norms:
+            stats = self.inputs.get(name)
+            if stats is None:
+                raise RuntimeError(f"width.hidden: the calibration never reached {name}; cannot rescale it.")
+            stats.all_reduce()
+            squares = stats.sq_sum.cpu()
+            kept = float(squares[keep.cpu()].sum()) / len(keep)
+            every = float(squares.sum()) / squares.numel()
+            factors[name] = math.sqrt(kept / every) if every > 0 and kept > 0 else 1.0
+        return factors
+
+
+def kept_channels(recorder: StreamRecorder, criterion: str, keep: int) -> torch.Tensor:
+    return keep_top(recorder.scores(criterion), keep)
+
+
+@dataclass
+class StreamCut:
+    """What the saved model keeps of the stream: its channels, each norm's rescale and the whole stream's scale
+    (applied to the norms that put a writer's output into the stream, else to the writers)."""
+
+    sites: StreamSites
+    keep: torch.Tensor
+    norm_factors: dict[str, float]
+    fed_by_writer: dict[str, str]  # norm -> writer: the norm puts that writer's output into the stream
+
+    def apply(self, state: dict[str, torch.Tensor], live: nn.Module) -> None:
+        """Cut ``state`` (the model's materialized state dict) in place; each old tensor of ``live`` is replaced by
+        its cut so that only one tensor's copy is alive at a time (tied tensors are cut once)."""
+        sites, r = self.sites, self.sites.embedding_scale
+        first: dict[tuple[int, int], str] = {}  # tied tensors (one storage): found before anything is freed
+        alias = {key: first.setdefault((state[key].data_ptr(), dim), key) for key, dim in sites.cut.items()}
+        for key, dim in sites.cut.items():
+            owner, _, leaf = key.rpartition(".")
+            if alias[key] != key:
+                state[key] = state[alias[key]]
+                _replace_live(live, owner, leaf, state[key])
+                continue
+            old = state[key]
+            new = old.index_select(dim, self.keep.to(old.device))
+            if owner in sites.norms and leaf == "weight":
+                factor = self.norm_factors[owner] * (r if owner in self.fed_by_writer else 1.0)
+                offset = sites.norms[owner]
+                new = ((new.float() + offset) * factor - offset).to(old.dtype)
+            elif owner in sites.writers and r != 1.0 and owner not in self.fed_by_writer.values():
+                new = (new.float() * r).to(old.dtype)
+            del old
+            state[key] = new
+            _replace_live(live, owner, leaf, new)
+
+
+def _replace_live(model: nn.Module, owner: str, leaf: str, new: torch.Tensor) -> None:
+    module = model.get_submodule(owner) if owner else model
+    old = module._parameters.get(leaf)
+    if old is not None and old.device.type != "meta":
+        module._parameters[leaf] = nn.Parameter(new, requires_grad=False)

@@ -1,0 +1,119 @@
+"""Hidden-channel (residual-stream) width pruning: channels that carry nothing are removed without changing a logit
+(the norms' rescale and Gemma's embedding scale are exact), the saved folder is the family's own class with a
+smaller hidden_size that reloads to identical logits, tied embeddings stay tied, and what cannot be expressed is
+refused before any work."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from hf_prune import HFPruner
+from hf_prune.adapters import ModelAdapter
+from hf_prune.errors import RecipeError, UnsupportedModelError
+from hf_prune.methods.width.hidden import _norm_offset
+
+from .conftest import make_tiny_model, tiny_config
+
+IDS = torch.randint(0, 3000, (2, 20), generator=torch.Generator().manual_seed(3))
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+
+
+def _model_with_dead_channels(family: str, dead: torch.Tensor):
+    """A tiny model whose stream channels ``dead`` are exactly zero everywhere (embeddings and every writer's rows
+    are zero there), norm weights spread so the rescale matters, eps negligible."""
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    config.rms_norm_eps = 1e-12
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embed" not in name:
+                p.normal_(0, 0.2)
+            elif p.dim() == 1 and "norm" in name:
+                p.uniform_(0.5, 1.5)
+        model.get_input_embeddings().weight[:, dead] = 0
+        for ref in ModelAdapter(model).all_linears():
+            if ref.role in ("o", "down"):
+                ref.module.weight[dead] = 0
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["activation", "fluctuation"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_channels_that_carry_nothing_are_removed_without_changing_the_logits(family, criterion, tokenizer, tiny_recipe):
+    dead = torch.arange(0, 64, 4)  # 16 of 64 channels
+    model = _model_with_dead_channels(family, dead)
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", "hidden": 0.25, "criterion": criterion}))
+    details = pruner.prune().steps[0].details
+    assert pruner.model.config.hidden_size == 48
+    assert details["hidden_size"] == {"before": 64, "after": 48}
+    # every norm lost a quarter of a stream whose removed part was zero: rescaled by sqrt(64 / 48)
+    assert details["hidden_norm_rescale"]["min"] == pytest.approx((64 / 48) ** 0.5, rel=1e-5)
+    assert details["hidden_norm_rescale"]["max"] == pytest.approx((64 / 48) ** 0.5, rel=1e-5)
+    if family == "gemma3_text":  # embeddings scaled by sqrt(hidden_size): the whole stream follows
+        assert details["hidden_embedding_scale"] == pytest.approx((48 / 64) ** 0.5, rel=1e-5)
+    with torch.no_grad():
+        after = pruner.model(input_ids=IDS).logits
+    assert torch.allclose(after, before, atol=1e-4 * before.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_hidden_with_mlp_and_heads_saves_the_familys_own_class(family, tokenizer, tiny_recipe, tmp_path):
+    model = make_tiny_model(family)
+    if family == "llama":  # a tied Llama too (SmolLM2's layout)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    step = {"method": "width", "hidden": 0.25, "mlp": 0.25, "heads": 0.5}
+    pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+    pruner.prune()
+    pruned = pruner.model
+    assert type(pruned) is type(model) and pruned.config.hidden_size == 48
+    assert pruned.get_input_embeddings().weight.shape[1] == 48
+    assert (pruned.get_input_embeddings().weight is pruned.get_output_embeddings().weight) == tied
+    out = pruner.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded) is type(model) and reloaded.config.hidden_size == 48
+    assert (reloaded.get_input_embeddings().weight is reloaded.get_output_embeddings().weight) == tied
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, pruned(input_ids=IDS).logits)
+        cached = reloaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = reloaded.generate(IDS[:1], max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_a_bf16_model_stays_bf16(tokenizer, tiny_recipe, tmp_path):
+    model = make_tiny_model("qwen3").to(torch.bfloat16)
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", "hidden": 0.25}))
+    pruner.prune()
+    assert {p.dtype for p in pruner.model.parameters()} == {torch.bfloat16}
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
+    assert reloaded.dtype == torch.bfloat16 and reloaded.config.hidden_size == 48
+
+
+@pytest.mark.parametrize(
+    "family, step, error, message",
+    [
+        ("gpt2", {"method": "width", "hidden": 0.25}, UnsupportedModelError, "derives head_dim"),
+        ("opt", {"method": "width", "hidden": 0.25}, UnsupportedModelError, "derives head_dim"),
+        ("llama", {"method": "width", "hidden": 0.25, "per_block": True}, RecipeError, "per_block"),
+        ("llama", {"method": "width", "hidden": 1.0}, RecipeError, "fraction"),
+    ],
+)
+def test_what_cannot_be_expressed_is_refused_before_any_work(family, step, error, message, tokenizer, tiny_recipe):
+    model = make_tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        HFPruner(model, tokenizer, tiny_recipe(step)).prune()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_layer_norm_is_not_taken_for_an_rms_norm():
+    norm = nn.LayerNorm(16)
+    with pytest.raises(UnsupportedModelError, match="not an RMS norm"):
+        _norm_offset(norm, "norm", norm.weight.detach())
+    rms = nn.RMSNorm(16, eps=1e-6)
+    assert _norm_offset(rms, "norm", rms.weight.detach()) == 0
