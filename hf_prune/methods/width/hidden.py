@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ... import distributed
 from ...adapters import ModelAdapter, get_submodule, is_linear, is_transposed
 from ...errors import UnsupportedModelError
 from ...surgery import materialized_state_dict
-from .scores import ChannelStats, keep_top
+from .scores import ChannelStats, keep_top, refit_kept_columns
 
 READERS = ("q", "k", "v", "gate", "up")  # read the stream (through a norm): their input columns go
 WRITERS = ("o", "down")  # write into the stream: their output rows go
@@ -126,10 +127,16 @@ class StreamRecorder:
     """Statistics of the stream, recorded by hooks during the width walk's calibration forward of each block: per
     norm its inputs' per-channel squares (for the rescale) and its outputs' sums (for the channel scores), the
     squared column norms of the linears that read each norm's output, and which norms take a writer's output (Gemma's
-    post-norms: they, not the writer, put the writer's output into the stream)."""
+    post-norms: they, not the writer, put the writer's output into the stream). With ``second_moment`` also each
+    read norm's output second moment (channels x channels, kept in host memory between blocks), for the
+    least-squares refit of its readers."""
 
-    def __init__(self, sites: StreamSites):
+    def __init__(self, sites: StreamSites, second_moment: bool = False):
         self.sites = sites
+        self.second_moment = second_moment
+        self.grams: dict[str, torch.Tensor] = {}  # read norm -> sum y y^T over its calibration tokens (host)
+        self.reader_norm: dict[str, str] = {}  # reader linear -> the norm whose output it reads
+        self._block_grams: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, ChannelStats] = {}
         self.outputs: dict[str, ChannelStats] = {}
         self.reader_columns: dict[str, torch.Tensor] = {}
@@ -159,6 +166,12 @@ class StreamRecorder:
             self.outputs[name] = ChannelStats(width, y.device)
         self.inputs[name].update(x)
         self.outputs[name].update(y)
+        if self.second_moment:
+            flat = y.reshape(-1, y.shape[-1]).float()
+            gram = self._block_grams.get(name)
+            if gram is None:
+                gram = self._block_grams[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+            gram.addmm_(flat.t(), flat)
         self._last_norm_output[name] = y
         for writer, w in self._last_writer_output.items():
             if x is w:
@@ -177,12 +190,18 @@ class StreamRecorder:
                 previous = self.reader_columns.get(norm)
                 self.reader_columns[norm] = columns if previous is None else previous + columns.to(previous.device)
                 self._readers_seen.add(name)
+                self.reader_norm[name] = norm
                 return
 
     def release(self) -> None:
-        """Drop the references to the last block's activations."""
+        """After a block: drop the references to its activations; its read norms' second moments go to host memory
+        (the others are dropped)."""
         self._last_norm_output.clear()
         self._last_writer_output.clear()
+        for name, gram in self._block_grams.items():
+            if name in self.reader_columns:
+                self.grams[name] = gram.cpu()
+        self._block_grams.clear()
 
     def record_final_norm_inputs(self, final_hidden: list[torch.Tensor], final_norm: str | None) -> None:
         """The final norm's inputs are the last block's outputs (the engine's ``final_hidden``)."""
@@ -225,19 +244,32 @@ class StreamRecorder:
         return factors
 
 
+    def refits(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """reader linear -> (its norm, that norm's output second moment E[y y^T]), summed over the ranks."""
+        moments = {}
+        for name, gram in self.grams.items():
+            distributed.all_reduce_sum(gram)
+            moments[name] = gram / max(self.outputs[name].tokens, 1)
+        self.grams = {}
+        return {reader: (norm, moments[norm]) for reader, norm in self.reader_norm.items() if norm in moments}
+
+
 def kept_channels(recorder: StreamRecorder, criterion: str, keep: int) -> torch.Tensor:
     return keep_top(recorder.scores(criterion), keep)
 
 
 @dataclass
 class StreamCut:
-    """What the saved model keeps of the stream: its channels, each norm's rescale and the whole stream's scale
-    (applied to the norms that put a writer's output into the stream, else to the writers)."""
+    """What the saved model keeps of the stream: its channels, each norm's rescale, the whole stream's scale
+    (applied to the norms that put a writer's output into the stream, else to the writers) and, with least squares,
+    the readers' kept columns refit on their norm's second moment (where that beats plain slicing)."""
 
     sites: StreamSites
     keep: torch.Tensor
     norm_factors: dict[str, float]
     fed_by_writer: dict[str, str]  # norm -> writer: the norm puts that writer's output into the stream
+    refits: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    errors: dict[str, dict] = field(default_factory=dict)  # reader -> relative output error, plain / refit
 
     def apply(self, state: dict[str, torch.Tensor], live: nn.Module) -> None:
         """Cut ``state`` (the model's materialized state dict) in place; each old tensor of ``live`` is replaced by
@@ -253,7 +285,13 @@ class StreamCut:
                 continue
             old = state[key]
             new = old.index_select(dim, self.keep.to(old.device))
-            if owner in sites.norms and leaf == "weight":
+            if owner in self.refits and leaf == "weight" and dim == 1:
+                _, moment = self.refits[owner]
+                keep = self.keep.to(old.device)
+                refit, self.errors[owner] = refit_kept_columns(old.float(), moment.to(old.device), keep)
+                if refit is not None:
+                    new = refit.to(old.dtype)
+            elif owner in sites.norms and leaf == "weight":
                 factor = self.norm_factors[owner] * (r if owner in self.fed_by_writer else 1.0)
                 offset = sites.norms[owner]
                 new = ((new.float() + offset) * factor - offset).to(old.dtype)

@@ -84,6 +84,11 @@ class WidthConfig(StepConfig):
             )
         if not isinstance(self.per_block, bool):
             raise RecipeError(f"width.per_block must be true or false, got {self.per_block!r}.")
+        if self.hidden and self.compensate == "bias":
+            raise RecipeError(
+                "width.compensate: bias compensates mlp and heads only; with hidden use least_squares (the default: "
+                "the readers of the stream are refit) or none."
+            )
         if self.per_block and self.hidden:
             raise RecipeError(
                 "width.hidden narrows the stream of every block alike; it cannot be combined with per_block: true "
@@ -235,7 +240,7 @@ class WidthMethod(PruningMethod):
         plans = self.per_block_plans(ctx, report) if c.per_block else None
         uniform = self.uniform_plan()
         details: dict[int, dict] = {}
-        self.recorder = StreamRecorder(self.sites) if c.hidden else None
+        self.recorder = StreamRecorder(self.sites, c.compensate == "least_squares") if c.hidden else None
         self.module_names = {id(m): n for n, m in ctx.model.named_modules()}
         stream_cut = None
         if self.needs_calibration:
@@ -251,6 +256,14 @@ class WidthMethod(PruningMethod):
                 with ctx.block_context(block):
                     details[i] = self._prune_block(ctx, i, plan, None)
         ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform, stream_cut)
+        if stream_cut is not None and stream_cut.errors:
+            errors = list(stream_cut.errors.values())
+            report.details["hidden_compensation_error"] = {
+                "readers": len(errors),
+                "refit_kept": sum(e["kept"] for e in errors),
+                "plain_mean": round(sum(e["plain"] for e in errors) / len(errors), 6),
+                "refit_mean": round(sum(min(e["refit"], e["plain"]) for e in errors) / len(errors), 6),
+            }
         total_after = sum(p.numel() for p in ctx.model.parameters())
         report.details.update(
             {
@@ -337,14 +350,7 @@ class WidthMethod(PruningMethod):
         st = stats.get(part)
         if c.compensate == "least_squares":
             G = st.second_moment.to(weight.device)
-            new_weight = S.least_squares_refit(weight, G, keep.to(weight.device))
-            error = {
-                "plain": _relative_error(weight, weight[:, keep], G, keep),
-                "refit": _relative_error(weight, new_weight, G, keep),
-            }
-            error["kept"] = error["refit"] < error["plain"]  # never worse than plain slicing
-            if not error["kept"]:
-                new_weight = None
+            new_weight, error = S.refit_kept_columns(weight, G, keep.to(weight.device))
         elif c.compensate == "bias":
             removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
             removed[keep.to(weight.device)] = False
@@ -370,7 +376,7 @@ class WidthMethod(PruningMethod):
             "max": round(max(factors.values()), 6),
         }
         report.details["hidden_embedding_scale"] = round(self.sites.embedding_scale, 6)
-        return StreamCut(self.sites, keep, factors, dict(recorder.fed_by_writer))
+        return StreamCut(self.sites, keep, factors, dict(recorder.fed_by_writer), recorder.refits())
 
     # ------------------------------------------------------------------ per-block widths (FLAP)
     def per_block_plans(self, ctx: PruneContext, report: StepReport) -> dict[int, Plan]:
@@ -391,7 +397,7 @@ class WidthMethod(PruningMethod):
         mlp = _allocate(scores["mlp"], uniform.mlp_keep * n, c.round_to) if c.mlp else [uniform.mlp_keep] * n
         units = _allocate(scores["heads"], uniform.unit_keep * n, 1) if c.heads else [uniform.unit_keep] * n
         report.details["per_block_widths"] = {i: {"mlp": mlp[i], "attention_units": units[i]} for i in range(n)}
-        return {i: Plan(mlp[i], units[i]) for i in range(n)}
+        return {i: Plan(mlp[i], units[i], uniform.hidden_keep) for i in range(n)}
 
     # ------------------------------------------------------------------ the saved model
     def finalize(
@@ -477,16 +483,6 @@ def consumer_statistics(
     if keep_outputs:
         step.info["outputs"] = outputs
     return stats
-
-
-def _relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
-    """E||W x - W' x_S||^2 / E||W x||^2 from the second moment G (no activations kept)."""
-    G = G.double()
-    W, N = weight.double(), new.double()
-    full = torch.einsum("oi,ij,oj->", W, G, W)
-    cross = torch.einsum("oi,ij,oj->", W, G[:, keep], N)
-    kept = torch.einsum("oi,ij,oj->", N, G[keep][:, keep], N)
-    return float((full - 2 * cross + kept) / full.clamp_min(1e-30))
 
 
 def _allocate(block_scores: list[torch.Tensor], total_keep: int, multiple: int) -> list[int]:

@@ -114,3 +114,27 @@ def least_squares_refit(
     rhs = consumer.double() @ g[:, kept]  # (out, k)
     solution = torch.linalg.solve(gss, rhs.t()).t()  # gss symmetric: (rhs gss^-1)^T = gss^-1 rhs^T
     return solution.to(torch.float32)
+
+
+def relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
+    """E||W x - W' x_S||^2 / E||W x||^2 from the second moment G (no activations kept)."""
+    G = G.double()
+    W, N = weight.double(), new.double()
+    full = torch.einsum("oi,ij,oj->", W, G, W)
+    cross = torch.einsum("oi,ij,oj->", W, G[:, keep], N)
+    kept = torch.einsum("oi,ij,oj->", N, G[keep][:, keep], N)
+    return float((full - 2 * cross + kept) / full.clamp_min(1e-30))
+
+
+def refit_kept_columns(
+    weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor | None, dict]:
+    """The least-squares refit of ``weight``'s kept columns and the relative output errors of plain slicing and of
+    the refit on the calibration data; the refit is None where it is not better (never worse than slicing)."""
+    new = least_squares_refit(weight, second_moment, keep)
+    error = {
+        "plain": relative_error(weight, weight[:, keep], second_moment, keep),
+        "refit": relative_error(weight, new, second_moment, keep),
+    }
+    error["kept"] = error["refit"] < error["plain"]
+    return (new if error["kept"] else None), error
