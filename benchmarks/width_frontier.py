@@ -24,6 +24,7 @@ import sys
 
 CALIB = {"source": "fortunes", "nsamples": 32, "seqlen": 512, "seed": 0}
 CRITERIA = ("activation", "fluctuation", "magnitude")
+HIDDEN_SHARE = 0.125  # SmolLM2: 576 -> 504 (its config wants hidden_size a multiple of its 9 heads)
 COMPENSATIONS = ("none", "bias", "least_squares")
 
 
@@ -36,13 +37,26 @@ def steps_for(kind: str, fraction: float, budget, units: int) -> list[dict] | No
         return [{"method": "depth", "criterion": "angular", "num_blocks": max(1, round(target / (attn + mlp)))}]
     if kind == "slicegpt":
         return [{"method": "slicegpt", "slicing": fraction, "rotation": "shared"}]
+    if kind == "depth+ls":
+        count = max(1, round(target / (attn + mlp)))
+        return [{"method": "depth", "criterion": "angular", "num_blocks": count, "compensate": "least_squares"}]
     name, _, rest = kind.partition(":")
-    criterion, compensate, heads_mode = rest.split("/")
-    heads = 1 / units if heads_mode == "heads" else 0.0
+    criterion, compensate, axes = rest.split("/")
+    step = {"method": "width", "criterion": criterion, "compensate": compensate}
+    if axes == "hidden+mlp":  # a fixed share of the stream, the rest in MLP neurons of the narrower blocks
+        hidden = HIDDEN_SHARE
+        embeddings = budget.total - blocks * (attn + mlp)
+        left = target - hidden * (embeddings + blocks * (attn + mlp))
+        mlp_fraction = left / ((1 - hidden) * mlp * blocks)
+        if not 0 <= mlp_fraction < 0.9:
+            return None
+        step.update(hidden=hidden, **({"mlp": round(mlp_fraction, 4)} if mlp_fraction > 0 else {}))
+        return [step]
+    heads = 1 / units if axes == "heads" else 0.0
     mlp_fraction = (target - heads * attn * blocks) / (mlp * blocks)
     if not 0 < mlp_fraction < 0.9:
         return None
-    step = {"method": "width", "mlp": round(mlp_fraction, 4), "criterion": criterion, "compensate": compensate}
+    step["mlp"] = round(mlp_fraction, 4)
     if heads:
         step["heads"] = round(heads, 4)
     return [step]
@@ -70,7 +84,8 @@ def run_one(model_id: str, steps: list[dict], heal_steps: int, runs: int) -> dic
         result["details"] = report.steps[-1].details
     result["params"] = sum(p.numel() for p in pruner.model.parameters())
     result["ppl"] = pruner.perplexity("wikipedia", 512, 32)
-    result["prefill_s"], result["decode_s"] = measure(pruner.model, ids, 128, runs)
+    if runs:
+        result["prefill_s"], result["decode_s"] = measure(pruner.model, ids, 128, runs)
     if heal_steps and steps:
         summary = pruner.heal(max_steps=heal_steps, distill=True, mask="none")
         result["heal"] = summary
@@ -93,11 +108,12 @@ def plan(args) -> dict[str, tuple[list[dict], int]]:
     for level in args.levels:
         heal = args.heal_steps if level in args.heal_levels else 0
         pct = f"{level:.0%}"
-        for kind in ("depth", "slicegpt", f"{best}/mlp", f"{best}/heads"):
+        for kind in args.kinds or ("depth", "slicegpt", f"{best}/mlp", f"{best}/heads"):
+            kind = kind.replace("BEST", best)
             steps = steps_for(kind, level, budget, units)
             if steps is not None:
                 configs[f"{kind.replace('width:', 'width ')} {pct}"] = (steps, heal)
-    for criterion in CRITERIA:
+    for criterion in () if args.no_grid else CRITERIA:
         for compensate in COMPENSATIONS:
             kind = f"width:{criterion}/{compensate}/mlp"
             steps = steps_for(kind, args.grid_level, budget, units)
@@ -107,7 +123,7 @@ def plan(args) -> dict[str, tuple[list[dict], int]]:
     return configs
 
 
-def plot(results: dict[str, dict], path: str, title: str) -> None:
+def plot(results: dict[str, dict], path: str, title: str, by_params: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +135,8 @@ def plot(results: dict[str, dict], path: str, title: str) -> None:
         if name == "dense":
             continue
         method = name.rsplit(" ", 1)[0]
-        lines.setdefault(method, []).append((dense["prefill_s"] / r["prefill_s"], r["ppl"], r.get("ppl_healed")))
+        x = 1 - r["params"] / dense["params"] if by_params else dense["prefill_s"] / r["prefill_s"]
+        lines.setdefault(method, []).append((x, r["ppl"], r.get("ppl_healed")))
     lines = {m: p for m, p in lines.items() if len(p) > 1}  # the grid's single points stay in the table
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (method, points) in enumerate(sorted(lines.items())):
@@ -131,13 +148,19 @@ def plot(results: dict[str, dict], path: str, title: str) -> None:
             ax.plot(*zip(*healed), "s--", color=color, label=f"{method}, healed")
     ax.axhline(dense["ppl"], color="gray", lw=0.8, ls=":", label="dense")
     ax.set_yscale("log")
-    ax.set_xlabel("measured prefill speedup over dense (512 tokens, CPU)")
+    ax.set_xlabel(
+        "fraction of the parameters removed" if by_params else "measured prefill speedup over dense (512 tokens, CPU)"
+    )
     ax.set_ylabel("perplexity (Wikipedia, 32 x 512)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _speedup(dense: dict, r: dict, key: str) -> str:
+    return f"{dense[key] / r[key]:.2f}x" if key in dense and key in r else "-"
 
 
 def main() -> None:
@@ -149,7 +172,11 @@ def main() -> None:
     parser.add_argument("--compensate", default="least_squares", help="width compensation on the frontier lines")
     parser.add_argument("--heal-steps", type=int, default=20)
     parser.add_argument("--heal-levels", nargs="*", type=float, default=[0.2])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="speed runs per configuration (0: no speed)")
+    parser.add_argument(
+        "--kinds", nargs="*", help="frontier lines, e.g. depth depth+ls BEST/mlp BEST/hidden+mlp (BEST: the criterion)"
+    )
+    parser.add_argument("--no-grid", action="store_true", help="skip the criterion x compensation grid")
     parser.add_argument("--only", nargs="*", help="run only these configuration names")
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot")
@@ -189,10 +216,10 @@ def main() -> None:
         healed = f"{r['ppl_healed']:.2f}" if r.get("ppl_healed") else "-"
         print(
             f"| {name} | {r['params'] / 1e6:.1f} M | {1 - r['params'] / dense['params']:.1%} | {r['ppl']:.2f} | "
-            f"{healed} | {dense['prefill_s'] / r['prefill_s']:.2f}x | {dense['decode_s'] / r['decode_s']:.2f}x |"
+            f"{healed} | {_speedup(dense, r, 'prefill_s')} | {_speedup(dense, r, 'decode_s')} |"
         )
     if args.plot:
-        plot(results, args.plot, f"{args.model}: structured pruning frontier")
+        plot(results, args.plot, f"{args.model}: structured pruning frontier", by_params="prefill_s" not in dense)
         print(f"\nplot: {args.plot}")
 
 

@@ -12,7 +12,7 @@ from hf_prune.adapters import WIDTH_FAMILIES, ModelAdapter, weight_out_in
 from hf_prune.errors import HFPruneError, RecipeError, UnsupportedModelError
 from hf_prune.methods.width import scores as S
 
-from .conftest import FAMILIES, MOE_FAMILIES, make_tiny_model
+from .conftest import FAMILIES, make_tiny_model
 
 IDS = torch.randint(0, 3000, (2, 20), generator=torch.Generator().manual_seed(3))
 
@@ -186,7 +186,13 @@ def test_slicegpt_keeps_the_models_dtype(rotation, tokenizer, tiny_recipe, tmp_p
         ("phi3", {"mlp": 0.2}, UnsupportedModelError, "fused"),
         ("gpt2", {"mlp": 0.2, "per_block": True}, UnsupportedModelError, "per_block"),
     ]
-    + [(f, {"mlp": 0.2}, UnsupportedModelError, "mixture of experts") for f in MOE_FAMILIES],
+    + [
+        ("qwen3_moe", {"mlp": 0.2, "compensate": "bias"}, RecipeError, "not available for expert widths"),
+        ("qwen3_moe", {"mlp": 0.2, "per_block": True}, UnsupportedModelError, "per-block widths"),
+        ("olmoe", {"heads": 0.5}, UnsupportedModelError, "k_norm"),  # its q/k norms span every head
+        ("gpt_oss", {"heads": 0.5}, UnsupportedModelError, "sinks"),
+        ("deepseek_v3", {"heads": 0.5}, UnsupportedModelError, "no separate q/k/v"),
+    ],
 )
 def test_bad_requests_are_refused_before_any_work(family, step, error, message, tokenizer, tiny_recipe):
     model = make_tiny_model(family)

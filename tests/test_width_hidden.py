@@ -130,3 +130,19 @@ def test_a_layer_norm_is_not_taken_for_an_rms_norm():
         _norm_offset(norm, "norm", norm.weight.detach())
     rms = nn.RMSNorm(16, eps=1e-6)
     assert _norm_offset(rms, "norm", rms.weight.detach()) == 0
+
+
+def test_the_width_is_one_the_config_accepts(tokenizer, tiny_recipe, tmp_path):
+    """LlamaConfig wants hidden_size to be a multiple of num_attention_heads (SmolLM2: 9 heads), head_dim given or
+    not: the kept width is the widest multiple of round_to at or below the fraction that it accepts."""
+    config = tiny_config("llama")
+    config.update(dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, head_dim=8))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    step = {"method": "width", "hidden": 0.1, "round_to": 1}
+    pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+    pruner.prune()
+    assert pruner.model.config.hidden_size == 63  # 64 = floor(0.9 * 72) is not a multiple of 9
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)

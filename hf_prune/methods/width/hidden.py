@@ -243,7 +243,6 @@ class StreamRecorder:
             factors[name] = math.sqrt(kept / every) if every > 0 and kept > 0 else 1.0
         return factors
 
-
     def refits(self) -> dict[str, tuple[str, torch.Tensor]]:
         """reader linear -> (its norm, that norm's output second moment E[y y^T]), summed over the ranks."""
         moments = {}

@@ -19,12 +19,18 @@ def width_spec(model: nn.Module, adapter: ModelAdapter) -> WidthSpec:
     if row is not None:
         return row
     roles = {r.role for r in adapter.linears(0)}
+    config = model.config
+    if adapter.moe_blocks():  # MLP widths: experts.width_updates finds their keys; heads need q, k, v and o
+        return WidthSpec(
+            mlp_key="",
+            heads={"q", "k", "v", "o"} <= roles,
+            attention_bias_key="attention_bias" if hasattr(config, "attention_bias") else None,
+        )
     if adapter.spec is None or not {"down", "o"} <= roles:
         raise UnsupportedModelError(
             f"width: {adapter.family} has no layout hf_prune knows (the roles of its block's linears: "
             f"{sorted(roles)}); add a row to hf_prune/adapters/table.py."
         )
-    config = model.config
     down = next(r for r in adapter.linears(0) if r.role == "down")
     key = next((k for k in MLP_KEYS if getattr(config, k, None) == down.in_features), None)
     if key is None:
@@ -56,10 +62,12 @@ def plan_mismatch(
     cols: dict[str, int],
     stream: dict[str, int] | None = None,
     stream_width: int | None = None,
+    extra: dict[str, tuple[int, ...]] | None = None,
 ) -> str | None:
     """Compare every parameter shape of ``narrowed`` (the skeleton the new config describes) with the ones the cut
     leaves: ``rows``/``cols`` give the new output / input width per role of every block's linears, ``stream`` the
-    dimension of each state-dict key that narrows to ``stream_width`` (hidden channels). The first difference, or
+    dimension of each state-dict key that narrows to ``stream_width`` (hidden channels), ``extra`` the new shapes of
+    other tensors (fused experts). The first difference, or
     None. Biases only the new config has are fine (a bias flag turned on: zero-filled)."""
     expected = parameter_shapes(model)
     for ref in adapter.all_linears():
@@ -70,6 +78,7 @@ def plan_mismatch(
         expected[f"{ref.name}.weight"] = shape
         if ref.module.bias is not None:
             expected[f"{ref.name}.bias"] = (out_features,)
+    expected.update(extra or {})
     for key, dim in (stream or {}).items():
         if key in expected:
             shape = list(expected[key])

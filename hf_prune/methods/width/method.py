@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,13 +18,18 @@ from ...report import StepReport
 from ...utils import logger
 from ..base import PruningMethod, StepConfig
 from ..context import PruneContext
+from . import experts as X
 from . import scores as S
 from .hidden import READERS, StreamCut, StreamRecorder, kept_channels, stream_sites
 from .layout import narrowed_skeleton, plan_mismatch, width_spec
 from .surgery import keep_inputs, keep_outputs, rebuild_plain
 
 # (producers: their output channels are the pruned ones, consumer: reads them) per part of the block
-PARTS = {"mlp": (("gate", "up"), "down"), "heads": (("q", "k", "v"), "o")}
+PARTS = {
+    "mlp": (("gate", "up"), "down"),
+    "shared": (("shared_gate", "shared_up"), "shared_down"),  # a mixture of experts' shared expert: an MLP
+    "heads": (("q", "k", "v"), "o"),
+}
 
 
 @dataclass
@@ -32,7 +37,9 @@ class WidthConfig(StepConfig):
     """Structured width pruning: fewer MLP neurons, attention heads and hidden channels, a smaller dense model.
 
     Args:
-        mlp: fraction of each block's MLP intermediate neurons to remove, in [0, 1).
+        mlp: fraction of each block's MLP intermediate neurons to remove, in [0, 1). In a mixture of experts: of
+            every routed expert's neurons (each keeps its own best, scored on the tokens routed to it; the same
+            width for all, as the config has one), of the shared experts' and of the dense blocks' MLPs.
         heads: fraction of attention heads to remove, in [0, 1): whole KV groups (a KV head and the query heads
             that share it) so the query/KV ratio stays valid; with a single KV head, query heads evenly from it.
         hidden: fraction of the hidden (residual-stream) channels to remove everywhere they live (Minitron's
@@ -123,8 +130,8 @@ def geometry(model: nn.Module, adapter: ModelAdapter, spec: WidthSpec) -> Geomet
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    down = next(r for r in adapter.linears(0) if r.role == "down")
-    return Geometry(heads, kv, head_dim, down.in_features, config.hidden_size)
+    down = next((r for r in adapter.linears(0) if r.role == "down"), None)  # none in a first MoE block
+    return Geometry(heads, kv, head_dim, down.in_features if down else 0, config.hidden_size)
 
 
 @dataclass
@@ -146,7 +153,8 @@ class WidthMethod(PruningMethod):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         c = self.config
-        return c.criterion != "magnitude" or c.compensate != "none" or c.per_block or bool(c.hidden)
+        moe_mlp = getattr(self, "moe", False) and bool(c.mlp)  # experts are cut inside a block forward
+        return c.criterion != "magnitude" or c.compensate != "none" or c.per_block or bool(c.hidden) or moe_mlp
 
     # ------------------------------------------------------------------ planning and checks
     def preflight(self, ctx: PruneContext) -> None:
@@ -159,11 +167,9 @@ class WidthMethod(PruningMethod):
             )
         if family in WIDTH_REFUSED:
             raise UnsupportedModelError(f"width: {family} is not supported: {WIDTH_REFUSED[family]}.")
-        if adapter.moe_blocks():
-            raise UnsupportedModelError(
-                f"width: {family} is a mixture of experts; remove whole experts with {{method: experts}} instead "
-                "(expert widths are not supported yet)."
-            )
+        self.adapter, self.moe = adapter, bool(adapter.moe_blocks())
+        if self.moe:
+            self._check_moe(family)
         spec = width_spec(ctx.model, adapter)
         if c.hidden and not spec.heads:
             raise UnsupportedModelError(
@@ -172,12 +178,14 @@ class WidthMethod(PruningMethod):
             )
         if c.heads and not spec.heads:
             raise UnsupportedModelError(
-                f"width.heads: {family}'s attention derives head_dim from hidden_size, so fewer heads cannot be "
-                "described by its config; use mlp only."
+                f"width.heads: {family}'s attention cannot lose heads in a plain checkpoint (it derives head_dim from "
+                "hidden_size, or has no separate q/k/v projections); use mlp only."
             )
         geo = geometry(ctx.model, adapter, spec)
+        self.model_config = ctx.model.config
         self.spec, self.geo = spec, geo
         self.units, self.unit_size = self._attention_units(geo)
+        self.moe_updates = X.width_updates(adapter, self._narrower) if self.moe and c.mlp else {}
         plan = self.uniform_plan()
         if c.heads and plan.unit_keep == self.units:
             raise RecipeError(
@@ -186,8 +194,8 @@ class WidthMethod(PruningMethod):
             )
         if c.compensate == "bias":
             for part, flag in (("mlp", spec.mlp_bias_key), ("heads", spec.attention_bias_key)):
-                consumer = next(r for r in adapter.linears(0) if r.role == PARTS[part][1])
-                if getattr(c, part) and consumer.module.bias is None and flag is None:
+                consumer = next((r for r in adapter.linears(0) if r.role == PARTS[part][1]), None)
+                if getattr(c, part) and consumer is not None and consumer.module.bias is None and flag is None:
                     raise RecipeError(
                         f"width.compensate: bias needs a bias on {consumer.local}, which {family}'s config cannot "
                         "give it; use compensate: least_squares (no bias needed) or none."
@@ -199,7 +207,11 @@ class WidthMethod(PruningMethod):
                 if c.hidden:
                     self.sites = stream_sites(ctx.model, adapter, plan.hidden_keep, narrowed)
                 cut = self.sites.cut if self.sites else None
-                problem = plan_mismatch(ctx.model, adapter, narrowed, *self._cut_shapes(plan), cut, plan.hidden_keep)
+                extra = self._moe_targets(narrowed) if self.moe else {}
+                extra.update(self._attention_vectors(plan) if c.heads else {})
+                problem = plan_mismatch(
+                    ctx.model, adapter, narrowed, *self._cut_shapes(plan), cut, plan.hidden_keep, extra
+                )
             if problem:
                 raise UnsupportedModelError(
                     f"width: {family}'s config cannot describe the narrowed model ({problem}). Nothing was changed; "
@@ -210,6 +222,50 @@ class WidthMethod(PruningMethod):
 
             if family not in SLICEABLE and family not in ("gemma3_text",):
                 raise UnsupportedModelError(f"width.per_block: {family} cannot load per-block widths yet.")
+
+    def _check_moe(self, family: str) -> None:
+        c = self.config
+        problem = X.unsupported_experts(self.adapter)
+        if problem:
+            raise UnsupportedModelError(f"width: {family}: {problem}; remove whole experts with {{method: experts}}.")
+        for key, why in (("hidden", "hidden channels of a mixture of experts"), ("per_block", "per-block widths")):
+            if getattr(c, key):
+                raise UnsupportedModelError(f"width.{key}: {why} are not supported yet ({family}); use mlp / heads.")
+        if c.mlp and c.compensate == "bias":
+            raise RecipeError(
+                "width.compensate: bias is not available for expert widths; use least_squares (default) or none."
+            )
+
+    def _moe_targets(self, narrowed: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Each block's MLP widths as the narrowed config describes them (self.targets), and the fused expert
+        tensors' shapes that the cut gives (for the whole-model shape check)."""
+        small = ModelAdapter(narrowed)
+        self.targets = {i: X.block_widths(small, i) for i in range(small.num_blocks)}
+        shapes = {}
+        for i in self.adapter.moe_blocks():
+            width = self.targets[i].get("experts")
+            if width is None:
+                continue
+            for name, shape in X.narrowed_fused_shapes(self.adapter, i, width).items():
+                shapes[f"{self.adapter.block_name(i)}.{name}"] = shape
+        return shapes
+
+    def _attention_vectors(self, plan: Plan) -> dict[str, tuple[int, ...]]:
+        """Vectors of the attention module (not its linears) as wide as all query or all key heads (OLMoE's q_norm /
+        k_norm over every head): the cut narrows them with the heads, so the config must describe that too."""
+        heads, kv = self._head_counts(plan.unit_keep)
+        geo, adapter = self.geo, self.adapter
+        old = {geo.heads * geo.head_dim: heads * geo.head_dim, geo.kv_heads * geo.head_dim: kv * geo.head_dim}
+        shapes = {}
+        for i in range(adapter.num_blocks):
+            attention = adapter.blocks[i].get_submodule(adapter.spec.attention)
+            linears = {f"{r.local}." for r in adapter.linears(i)}
+            prefix = f"{adapter.block_name(i)}.{adapter.spec.attention}."
+            for name, p in attention.named_parameters():
+                owned = any(f"{adapter.spec.attention}.{name}".startswith(lin) for lin in linears)
+                if not owned and p.dim() == 1 and p.shape[0] in old:
+                    shapes[prefix + name] = (old[p.shape[0]],)
+        return shapes
 
     def _attention_units(self, geo: Geometry) -> tuple[int, int]:
         """(count, channels per unit) of what heads removal takes out: KV groups, or query heads of a single group."""
@@ -222,14 +278,29 @@ class WidthMethod(PruningMethod):
 
     def uniform_plan(self) -> Plan:
         c, geo = self.config, self.geo
-        mlp_keep = geo.intermediate
-        if c.mlp:
-            mlp_keep = max(c.round_to, int(geo.intermediate * (1 - c.mlp)) // c.round_to * c.round_to)
+        mlp_keep = self._narrower(geo.intermediate) if c.mlp and geo.intermediate else geo.intermediate
         unit_keep = max(1, round(self.units * (1 - c.heads))) if c.heads else self.units
-        hidden_keep = geo.hidden
+        plan = Plan(mlp_keep, unit_keep, geo.hidden)
         if c.hidden:
-            hidden_keep = max(c.round_to, int(geo.hidden * (1 - c.hidden)) // c.round_to * c.round_to)
-        return Plan(mlp_keep, unit_keep, hidden_keep)
+            plan.hidden_keep = self._accepted_hidden(plan, int(geo.hidden * (1 - c.hidden)) // c.round_to * c.round_to)
+        return plan
+
+    def _narrower(self, width: int) -> int:
+        """An MLP width after removing the mlp fraction, rounded down to round_to (at least round_to)."""
+        c = self.config
+        return max(c.round_to, int(width * (1 - c.mlp)) // c.round_to * c.round_to)
+
+    def _accepted_hidden(self, plan: Plan, widest: int) -> int:
+        """The widest multiple of round_to, at most ``widest``, that the family's config accepts with the plan's
+        head counts (Llama's requires hidden_size to be a multiple of num_attention_heads, even with head_dim set)."""
+        config, step = self.model_config, self.config.round_to
+        for width in range(widest, 0, -step):
+            try:
+                type(config).from_dict({**config.to_dict(), **self.plain_updates(replace(plan, hidden_keep=width))})
+                return width
+            except Exception:  # noqa: BLE001 - the config class refuses this width: try the next narrower one
+                continue
+        return max(step, widest)  # none accepted: the shape check before any work says why
 
     # ------------------------------------------------------------------ running
     def run(self, ctx: PruneContext) -> StepReport:
@@ -268,6 +339,11 @@ class WidthMethod(PruningMethod):
         report.details.update(
             {
                 "mlp_width": {i: d["mlp"] for i, d in details.items()},
+                **(
+                    {"expert_width": {i: d["expert_width"] for i, d in details.items() if d["expert_width"]}}
+                    if self.moe
+                    else {}
+                ),
                 "attention_heads": {i: d["heads"] for i, d in details.items()},
                 "kv_heads": {i: d["kv_heads"] for i, d in details.items()},
                 "compensation_error": {i: d["errors"] for i, d in details.items() if d["errors"]},
@@ -289,8 +365,14 @@ class WidthMethod(PruningMethod):
         c = self.config
         refs = {r.role: r for r in ctx.adapter.linears(index)}
         stats: dict[str, S.ChannelStats] = {}
+        parts = self._block_parts(refs)
+        errors = {}
+        widths = self.targets[index] if self.moe else {"mlp": plan.mlp_keep}
+        if c.mlp and "experts" in widths:
+            errors["experts"] = X.narrow_routed_experts(
+                step, ctx.adapter, widths["experts"], c.criterion, c.compensate == "least_squares"
+            )
         if step is not None:
-            parts = [p for p in PARTS if getattr(c, p)]
             extra = []
             if self.recorder is not None:
                 readers = {r.name: r.module for r in refs.values() if r.role in READERS}
@@ -302,9 +384,12 @@ class WidthMethod(PruningMethod):
             )
             if self.recorder is not None:
                 self.recorder.release()
-        errors = {}
-        if c.mlp:
-            errors["mlp"] = self._cut(refs, "mlp", self._mlp_keep(refs, stats.get("mlp"), plan.mlp_keep), stats)
+        for part in ("mlp", "shared"):
+            if part in parts:
+                consumer = refs[PARTS[part][1]]
+                errors[part] = self._cut(
+                    refs, part, S.keep_top(self._scores(consumer, stats.get(part)), widths[part]), stats
+                )
         if c.heads:
             q_keep, kv_keep = self._head_keep(refs, stats.get("heads"), plan.unit_keep)
             errors["heads"] = self._cut(refs, "heads", q_keep, stats, kv_keep)
@@ -313,8 +398,11 @@ class WidthMethod(PruningMethod):
         kv = weight_out_in(refs["k"].module).shape[0] // self.geo.head_dim if "k" in refs else None
         if attn is not None and hasattr(attn, "num_key_value_groups") and kv:
             attn.num_key_value_groups = heads // kv
+        mlp = refs.get("down") or refs.get("shared_down")
+        experts = [r for r in ctx.adapter.experts(index) if r.role == "expert_down"]
         return {
-            "mlp": weight_out_in(refs["down"].module).shape[1],
+            "mlp": weight_out_in(mlp.module).shape[1] if mlp else None,
+            "expert_width": experts[0].in_features if experts else None,
             "heads": heads,
             "kv_heads": kv,
             "errors": {k: v for k, v in errors.items() if v is not None},
@@ -325,8 +413,11 @@ class WidthMethod(PruningMethod):
             stats.all_reduce()
         return S.channel_scores(self.config.criterion, stats, weight_out_in(consumer.module))
 
-    def _mlp_keep(self, refs, stats, keep: int) -> torch.Tensor:
-        return S.keep_top(self._scores(refs["down"], stats), keep)
+    def _block_parts(self, refs: dict) -> list[str]:
+        """The requested parts this block has (a dense block its MLP, an MoE block its shared expert; heads)."""
+        c = self.config
+        parts = [p for p in ("mlp", "shared") if c.mlp and PARTS[p][1] in refs]
+        return parts + (["heads"] if c.heads else [])
 
     def _head_keep(self, refs, stats, unit_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Channels of o's input (= q's output rows) and of k/v's output rows to keep."""
@@ -389,7 +480,7 @@ class WidthMethod(PruningMethod):
         engine = ctx.engine()
         for step in engine.walk(desc="width scores"):
             refs = {r.role: r for r in adapter.linears(step.index)}
-            stats = consumer_statistics(step, refs, list(PARTS), False, keep_outputs=True)
+            stats = consumer_statistics(step, refs, ["mlp", "heads"], False, keep_outputs=True)
             scores["mlp"].append(self._scores(refs["down"], stats["mlp"]))
             head = S.group_scores(self._scores(refs["o"], stats["heads"]), self.unit_size)
             scores["heads"].append(head)
@@ -411,7 +502,11 @@ class WidthMethod(PruningMethod):
     def plain_updates(self, plan: Plan) -> dict[str, Any]:
         """The config keys a uniform plan changes (widths, head counts, bias flags for compensation)."""
         c, spec, geo = self.config, self.spec, self.geo
-        updates: dict[str, Any] = {spec.mlp_key: plan.mlp_keep}
+        updates: dict[str, Any] = {}
+        if self.moe:
+            updates.update(self.moe_updates)  # found on the dense model in preflight
+        else:
+            updates[spec.mlp_key] = plan.mlp_keep
         if c.compensate == "bias":
             for part, flag in (("mlp", spec.mlp_bias_key), ("heads", spec.attention_bias_key)):
                 if getattr(c, part) and flag is not None:
@@ -426,7 +521,14 @@ class WidthMethod(PruningMethod):
     def _cut_shapes(self, plan: Plan) -> tuple[dict[str, int], dict[str, int]]:
         """(new output width, new input width) per role after a uniform cut."""
         rows, cols = {}, {}
-        if self.config.mlp:
+        if self.config.mlp and self.moe:  # every block of a kind alike (a mismatch is caught by the check)
+            for widths in self.targets.values():
+                for part, width in widths.items():
+                    if part in PARTS:
+                        producers, consumer = PARTS[part]
+                        rows.update(dict.fromkeys(producers, width))
+                        cols[consumer] = width
+        elif self.config.mlp:
             rows.update(gate=plan.mlp_keep, up=plan.mlp_keep)
             cols["down"] = plan.mlp_keep
         if self.config.heads:
