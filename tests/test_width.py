@@ -54,7 +54,10 @@ def test_every_family_works_or_refuses_before_any_work(family, tokenizer, tiny_r
     for i in range(adapter.num_blocks):
         refs = {r.role: r for r in adapter.linears(i)}
         assert weight_out_in(refs["down"].module).shape[1] == inter // 2
-        assert weight_out_in(refs["up"].module).shape[0] == inter // 2
+        if "gate_up" in refs:  # Phi-3: both halves of the fused projection narrow alike
+            assert weight_out_in(refs["gate_up"].module).shape[0] == inter
+        else:
+            assert weight_out_in(refs["up"].module).shape[0] == inter // 2
     if "heads" in step:
         new_heads, new_kv = new.num_attention_heads, new.num_key_value_heads
         if kv == 1:
@@ -63,8 +66,11 @@ def test_every_family_works_or_refuses_before_any_work(family, tokenizer, tiny_r
             assert new_kv == kv // 2 and new_heads // new_kv == heads // kv  # whole KV groups: the ratio is kept
         for i in range(adapter.num_blocks):
             refs = {r.role: r for r in adapter.linears(i)}
-            assert weight_out_in(refs["q"].module).shape[0] == new_heads * new.head_dim
-            assert weight_out_in(refs["k"].module).shape[0] == new_kv * new.head_dim
+            if "qkv" in refs:
+                assert weight_out_in(refs["qkv"].module).shape[0] == (new_heads + 2 * new_kv) * new.head_dim
+            else:
+                assert weight_out_in(refs["q"].module).shape[0] == new_heads * new.head_dim
+                assert weight_out_in(refs["k"].module).shape[0] == new_kv * new.head_dim
             assert weight_out_in(refs["o"].module).shape[1] == new_heads * new.head_dim
     assert report.steps[0].details["params_removed"] > 0
     out, _ = _check_reload_and_generate(pruner, tmp_path)
@@ -183,7 +189,6 @@ def test_slicegpt_keeps_the_models_dtype(rotation, tokenizer, tiny_recipe, tmp_p
         ("llama", {"mlp": 0.2, "criterion": "taylor"}, RecipeError, "criterion must be one of"),
         ("qwen2", {"mlp": 0.2, "compensate": "bias"}, RecipeError, "use compensate: least_squares"),
         ("gpt2", {"heads": 0.5}, UnsupportedModelError, "use mlp only"),
-        ("phi3", {"mlp": 0.2}, UnsupportedModelError, "fused"),
         ("gpt2", {"mlp": 0.2, "per_block": True}, UnsupportedModelError, "per_block"),
     ]
     + [

@@ -16,7 +16,7 @@ from hf_prune.methods.width.hidden import _norm_offset
 from .conftest import make_tiny_model, tiny_config
 
 IDS = torch.randint(0, 3000, (2, 20), generator=torch.Generator().manual_seed(3))
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
 
 
 def _model_with_dead_channels(family: str, dead: torch.Tensor):
@@ -60,7 +60,7 @@ def test_channels_that_carry_nothing_are_removed_without_changing_the_logits(fam
     assert torch.allclose(after, before, atol=1e-4 * before.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
 def test_hidden_with_mlp_and_heads_saves_the_familys_own_class(family, tokenizer, tiny_recipe, tmp_path):
     model = make_tiny_model(family)
     if family == "llama":  # a tied Llama too (SmolLM2's layout)

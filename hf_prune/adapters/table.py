@@ -344,7 +344,6 @@ WIDTH_FAMILIES: dict[str, WidthSpec] = {
     "gemma3_text": _GEMMA_WIDTH,
     "opt": WidthSpec(mlp_key="ffn_dim", heads=False),  # attention derives head_dim from hidden_size
     "gpt2": WidthSpec(mlp_key="n_inner", heads=False),  # the same; and c_attn fuses q/k/v
+    "phi3": WidthSpec(),  # fused qkv_proj / gate_up_proj: each part's rows cut alike
 }
-WIDTH_REFUSED: dict[str, str] = {
-    "phi3": "its fused qkv_proj and gate_up_proj would need their halves sliced in step; not supported yet",
-}
+WIDTH_REFUSED: dict[str, str] = {}  # family -> why width cannot run on it (none today; checked before any work)

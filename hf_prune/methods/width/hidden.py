@@ -23,7 +23,7 @@ from ...errors import UnsupportedModelError
 from ...surgery import materialized_state_dict
 from .scores import ChannelStats, keep_top, refit_kept_columns
 
-READERS = ("q", "k", "v", "gate", "up")  # read the stream (through a norm): their input columns go
+READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # read the stream (through a norm): their input columns go
 WRITERS = ("o", "down")  # write into the stream: their output rows go
 STREAM_CRITERIA = ("activation", "fluctuation", "magnitude")
 

@@ -3,6 +3,7 @@ contributed, and save a smaller dense model that loads where HF models load."""
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -26,9 +27,9 @@ from .surgery import keep_inputs, keep_outputs, rebuild_plain
 
 # (producers: their output channels are the pruned ones, consumer: reads them) per part of the block
 PARTS = {
-    "mlp": (("gate", "up"), "down"),
+    "mlp": (("gate", "up", "gate_up"), "down"),  # gate_up: Phi-3's fused [gate; up]
     "shared": (("shared_gate", "shared_up"), "shared_down"),  # a mixture of experts' shared expert: an MLP
-    "heads": (("q", "k", "v"), "o"),
+    "heads": (("q", "k", "v", "qkv"), "o"),  # qkv: fused [q; k; v] rows
 }
 
 
@@ -396,8 +397,10 @@ class WidthMethod(PruningMethod):
         attn = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention) if c.heads else None
         heads = weight_out_in(refs["o"].module).shape[1] // self.geo.head_dim if "o" in refs else None
         kv = weight_out_in(refs["k"].module).shape[0] // self.geo.head_dim if "k" in refs else None
-        if attn is not None and hasattr(attn, "num_key_value_groups") and kv:
-            attn.num_key_value_groups = heads // kv
+        if "qkv" in refs and heads and self.spec.heads:  # fused [q; k; v]: what is not q is k and v alike
+            kv = (weight_out_in(refs["qkv"].module).shape[0] // self.geo.head_dim - heads) // 2
+        if attn is not None and kv:
+            _narrow_attention_attributes(attn, heads, kv)
         mlp = refs.get("down") or refs.get("shared_down")
         experts = [r for r in ctx.adapter.experts(index) if r.role == "expert_down"]
         return {
@@ -449,7 +452,7 @@ class WidthMethod(PruningMethod):
             shift = S.bias_shift(weight, st.mean.to(weight.device), removed)
         for role in producers:
             if role in refs:
-                rows = kv_keep if (part == "heads" and role in ("k", "v")) else keep
+                rows = self._producer_rows(role, keep, kv_keep, weight.shape[1])
                 keep_outputs(refs[role], rows.to(consumer.device))
         keep_inputs(consumer, keep.to(consumer.device), new_weight, shift)
         return error
@@ -468,6 +471,20 @@ class WidthMethod(PruningMethod):
         }
         report.details["hidden_embedding_scale"] = round(self.sites.embedding_scale, 6)
         return StreamCut(self.sites, keep, factors, dict(recorder.fed_by_writer), recorder.refits())
+
+    def _producer_rows(self, role: str, keep: torch.Tensor, kv_keep: torch.Tensor | None, width: int) -> torch.Tensor:
+        """Output rows a producer keeps: the consumer's kept channels, KV heads' rows for k / v, and both halves of
+        a fused gate_up ([gate; up], ``width`` each) or all three parts of a fused qkv ([q; k; v])."""
+        if role in ("k", "v"):
+            return kv_keep
+        if role == "gate_up":
+            return torch.cat((keep, keep + width))
+        if role == "qkv":
+            geo = self.geo
+            q, kv = geo.heads * geo.head_dim, geo.kv_heads * geo.head_dim
+            kv_keep = kv_keep.to(keep.device)
+            return torch.cat((keep, q + kv_keep, q + kv + kv_keep))
+        return keep
 
     # ------------------------------------------------------------------ per-block widths (FLAP)
     def per_block_plans(self, ctx: PruneContext, report: StepReport) -> dict[int, Plan]:
@@ -529,11 +546,12 @@ class WidthMethod(PruningMethod):
                         rows.update(dict.fromkeys(producers, width))
                         cols[consumer] = width
         elif self.config.mlp:
-            rows.update(gate=plan.mlp_keep, up=plan.mlp_keep)
+            rows.update(gate=plan.mlp_keep, up=plan.mlp_keep, gate_up=2 * plan.mlp_keep)
             cols["down"] = plan.mlp_keep
         if self.config.heads:
             heads, kv = self._head_counts(plan.unit_keep)
             rows.update(q=heads * self.geo.head_dim, k=kv * self.geo.head_dim, v=kv * self.geo.head_dim)
+            rows["qkv"] = (heads + 2 * kv) * self.geo.head_dim
             cols["o"] = heads * self.geo.head_dim
         return rows, cols
 
@@ -565,6 +583,21 @@ class WidthMethod(PruningMethod):
             if hasattr(attn, "num_key_value_groups"):
                 out[f"{adapter.block_name(i)}.{adapter.spec.attention}"] = int(attn.num_key_value_groups)
         return out
+
+
+def _narrow_attention_attributes(attn: nn.Module, heads: int, kv: int) -> None:
+    """Head counts an attention module reads at run time, for the rest of the walk (the rebuilt model gets them
+    from its config): its own attributes, and a private copy of the config where the forward reads it (Phi-3 splits
+    its fused qkv by config.num_attention_heads)."""
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = heads // kv
+    for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, value)
+    config = getattr(attn, "config", None)
+    if config is not None and getattr(config, "num_attention_heads", None) not in (None, heads):
+        attn.config = copy.copy(config)
+        attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv
 
 
 def consumer_statistics(
