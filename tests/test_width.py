@@ -237,17 +237,3 @@ def test_hidden_state_distillation_needs_matching_blocks(tmp_path, tokenizer, ti
         pruner.heal(**HEAL, source=calib_texts, distill=True, distill_hidden=1.0)
     with pytest.raises(RecipeError, match="distill_hidden needs distillation"):
         pruner.heal(**HEAL, source=calib_texts, distill=False, distill_hidden=1.0)
-
-
-def test_vision_language_models_are_refused_before_any_work(tokenizer):
-    from .test_vlm import _tiny_llava_with_processor
-
-    model, processor = _tiny_llava_with_processor(tokenizer)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    recipe = {
-        "calibration": {"source": "skimage", "nsamples": 2, "seqlen": 24},
-        "steps": [{"method": "width", "mlp": 0.3}],
-    }
-    with pytest.raises(UnsupportedModelError, match="vision-language"):
-        HFPruner(model, recipe=recipe, processor=processor).prune()
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -41,7 +41,9 @@ def _model_with_dead_channels(family: str, dead: torch.Tensor):
 
 @pytest.mark.parametrize("criterion", ["activation", "fluctuation"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_channels_that_carry_nothing_are_removed_without_changing_the_logits(family, criterion, tokenizer, tiny_recipe):
+def test_channels_that_carry_nothing_are_removed_without_changing_the_logits(
+    family, criterion, tokenizer, tiny_recipe
+):
     dead = torch.arange(0, 64, 4)  # 16 of 64 channels
     model = _model_with_dead_channels(family, dead)
     with torch.no_grad():

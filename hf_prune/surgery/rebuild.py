@@ -31,6 +31,19 @@ def materialized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def updated_config(config, updates: dict):
+    """A new config of ``config``'s class with ``updates`` applied to its language model's part (a VLM's nested
+    text config; the config itself for a text model)."""
+    data = config.to_dict()
+    text = config.get_text_config()
+    if text is config:
+        data.update(updates)
+    else:
+        key = next(k for k, v in vars(config).items() if v is text)
+        data[key] = {**data[key], **updates}
+    return type(config).from_dict(data)
+
+
 def parameter_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in module.named_parameters()}
 

@@ -43,7 +43,7 @@ def block_widths(adapter: ModelAdapter, index: int) -> dict[str, int]:
 def width_updates(adapter: ModelAdapter, keep) -> dict[str, int]:
     """Config updates that narrow every MLP kind: ``keep(width) -> new width``; a kind whose width no config key
     holds is left to the keys it derives from (the skeleton then says what it becomes)."""
-    config, updates = adapter.model.config, {}
+    config, updates = adapter.model.config.get_text_config(), {}
     for i in range(adapter.num_blocks):
         for kind, width in block_widths(adapter, i).items():
             key = next((k for k in WIDTH_KEYS[kind] if getattr(config, k, None) == width), None)

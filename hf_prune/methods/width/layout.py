@@ -8,18 +8,18 @@ from torch import nn
 
 from ...adapters import WIDTH_FAMILIES, ModelAdapter, WidthSpec, is_transposed, weight_out_in
 from ...errors import UnsupportedModelError
-from ...surgery import parameter_shapes, skeleton
+from ...surgery import parameter_shapes, skeleton, updated_config
 
 MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 
 
 def width_spec(model: nn.Module, adapter: ModelAdapter) -> WidthSpec:
     """The table's row for the family, or one derived from the config (verified later by ``plan_mismatch``)."""
-    row = WIDTH_FAMILIES.get(adapter.family)
+    row = WIDTH_FAMILIES.get(getattr(adapter, "text_model_type", None) or adapter.family)
     if row is not None:
         return row
     roles = {r.role for r in adapter.linears(0)}
-    config = model.config
+    config = model.config.get_text_config()
     if adapter.moe_blocks():  # MLP widths: experts.width_updates finds their keys; heads need q, k, v and o
         return WidthSpec(
             mlp_key="",
@@ -49,7 +49,7 @@ def width_spec(model: nn.Module, adapter: ModelAdapter) -> WidthSpec:
 def narrowed_skeleton(model: nn.Module, updates: dict) -> tuple[nn.Module | None, str | None]:
     """The model ``updates`` describe, on meta (no memory); or None and why the config class refuses them."""
     try:
-        return skeleton(model, type(model.config).from_dict({**model.config.to_dict(), **updates})), None
+        return skeleton(model, updated_config(model.config, updates)), None
     except Exception as exc:  # noqa: BLE001 - the config class refuses the widths: say why
         return None, f"{type(model.config).__name__} refuses {updates}: {str(exc).strip().splitlines()[-1]}"
 

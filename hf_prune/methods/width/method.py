@@ -16,6 +16,7 @@ from ...adapters import WIDTH_REFUSED, LinearRef, ModelAdapter, WidthSpec, weigh
 from ...calibration.engine import BlockStep, hooks
 from ...errors import RecipeError, UnsupportedModelError
 from ...report import StepReport
+from ...surgery import updated_config
 from ...utils import logger
 from ..base import PruningMethod, StepConfig
 from ..context import PruneContext
@@ -127,7 +128,7 @@ class Geometry:
 
 
 def geometry(model: nn.Module, adapter: ModelAdapter, spec: WidthSpec) -> Geometry:
-    config = model.config
+    config = model.config.get_text_config()
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -161,10 +162,10 @@ class WidthMethod(PruningMethod):
     def preflight(self, ctx: PruneContext) -> None:
         adapter, c = ctx.adapter, self.config
         family = adapter.family
-        if adapter.is_vlm:
+        if adapter.is_vlm and (c.hidden or c.per_block):
             raise UnsupportedModelError(
-                "width: vision-language models are not supported yet (their language config is nested); prune the "
-                "language model with the weight-pruning methods, or use depth."
+                f"width.{'hidden' if c.hidden else 'per_block'}: not supported on vision-language models yet (the "
+                "projector writes into the language model's stream; per-block files are text-only); use mlp / heads."
             )
         if family in WIDTH_REFUSED:
             raise UnsupportedModelError(f"width: {family} is not supported: {WIDTH_REFUSED[family]}.")
@@ -297,7 +298,7 @@ class WidthMethod(PruningMethod):
         config, step = self.model_config, self.config.round_to
         for width in range(widest, 0, -step):
             try:
-                type(config).from_dict({**config.to_dict(), **self.plain_updates(replace(plan, hidden_keep=width))})
+                updated_config(config, self.plain_updates(replace(plan, hidden_keep=width)))
                 return width
             except Exception:  # noqa: BLE001 - the config class refuses this width: try the next narrower one
                 continue

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...adapters import LinearRef, is_transposed, weight_out_in
-from ...surgery import rebuild_model
+from ...surgery import rebuild_model, updated_config
 
 
 def set_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -49,8 +49,7 @@ def rebuild_plain(model: nn.Module, updates: dict[str, Any], edit_state=None) ->
     surgery path. Biases the new config adds and the old model lacked (a bias flag also covers sibling projections)
     are zeros, beside their weight (same dtype and device). ``edit_state`` edits the state dict before the load
     (the hidden-channel cut)."""
-    config = model.config
-    new_config = type(config).from_dict({**config.to_dict(), **updates})
+    new_config = updated_config(model.config, updates)
 
     def zero_bias(owner: nn.Module, leaf: str) -> torch.Tensor:
         weight = owner.weight

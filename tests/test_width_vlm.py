@@ -1,0 +1,73 @@
+"""Width of a vision-language model's language model: MLP neurons and heads narrow in the nested text config, the
+vision tower and projector stay as they were, and the saved folder reloads with its own class to identical logits
+on image + text inputs; what its config cannot express is refused before any work."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from hf_prune import HFPruner
+from hf_prune.errors import UnsupportedModelError
+
+from .test_vlm import _tiny_llava_with_processor
+from .vlm_models import VLM_FAMILIES, tiny_vlm
+
+HEADS_REFUSED = ("qwen2_vl",)  # its text attention derives head_dim from hidden_size
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_the_language_model_of_a_vlm_narrows_into_its_own_class(family, tokenizer, tiny_recipe, tmp_path):
+    model, ids, extra = tiny_vlm(family)
+    model.resize_token_embeddings(len(tokenizer))  # text calibration with the packaged tokenizer
+    vision = {k: v.clone() for k, v in model.state_dict().items() if "vision" in k or "visual" in k}
+    step = {"method": "width", "mlp": 0.25, **({} if family in HEADS_REFUSED else {"heads": 0.5})}
+    pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+    pruner.prune()
+    pruned = pruner.model
+    text = pruned.config.get_text_config()
+    assert type(pruned) is type(model) and text.intermediate_size == 96
+    if "heads" in step:
+        assert text.num_attention_heads == 2
+    state = pruned.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in vision.items())  # the vision side is untouched
+    out = pruner.save_pretrained(tmp_path / "out")
+    reloaded = type(model).from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, **extra).logits, pruned(input_ids=ids, **extra).logits)
+
+
+def test_qwen2_vl_heads_are_refused_before_any_work(tokenizer, tiny_recipe):
+    model, _, _ = tiny_vlm("qwen2_vl")
+    model.resize_token_embeddings(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="cannot describe"):
+        HFPruner(model, tokenizer, tiny_recipe({"method": "width", "heads": 0.5})).prune()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_image_calibrated_width_on_llava_reloads_with_auto_class(tokenizer, tmp_path):
+    model, processor = _tiny_llava_with_processor(tokenizer)
+    recipe = {
+        "calibration": {"source": "skimage", "nsamples": 2, "seqlen": 24},
+        "steps": [{"method": "width", "mlp": 0.5}],
+    }
+    pruner = HFPruner(model, recipe=recipe, processor=processor)
+    pruner.prune()
+    out = pruner.save_pretrained(tmp_path / "vlm")
+    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    inputs = processor(
+        images=[torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()], text=["<image>\nHello"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, pruner.model(**inputs).logits)
+
+
+@pytest.mark.parametrize("key", ["hidden", "per_block"])
+def test_hidden_and_per_block_are_refused_on_vlms_before_any_work(key, tokenizer):
+    model, processor = _tiny_llava_with_processor(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = {"method": "width", "mlp": 0.25, key: 0.25 if key == "hidden" else True}
+    recipe = {"calibration": {"source": "skimage", "nsamples": 2, "seqlen": 24}, "steps": [step]}
+    with pytest.raises(UnsupportedModelError, match="vision-language"):
+        HFPruner(model, recipe=recipe, processor=processor).prune()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
