@@ -21,6 +21,7 @@ MOE = {
     "moe-wanda": {"method": "wanda", "sparsity": 0.5},
     "moe-sparsegpt-2of4": {"method": "sparsegpt", "structure": "2:4"},
     "experts": {"method": "experts", "criterion": "reap", "num_experts": 2},
+    "moe-width": {"method": "width", "mlp": 0.25},
 }
 
 

@@ -52,6 +52,19 @@ def test_onloaded_prune_equals_in_memory(name, tokenizer, tiny_recipe, tmp_path)
     assert torch.allclose(_logits(reloaded), _logits(reference.model), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", list(MOE))
+def test_onloaded_moe_prune_equals_in_memory(name, tokenizer, tiny_recipe, tmp_path):
+    """Mixture of experts onloaded: expert weights, expert removal and expert widths as in memory, and a reload."""
+    reference = HFPruner(make_tiny_model("qwen3_moe"), tokenizer, tiny_recipe(MOE[name]))
+    reference.prune()
+    recipe = tiny_recipe(MOE[name], onload=True, device="cpu")
+    pruner = HFPruner(make_tiny_model("qwen3_moe"), tokenizer, recipe)
+    assert pruner.prune().placement["mode"] == "onloaded"
+    assert torch.allclose(_logits(pruner.model), _logits(reference.model), atol=1e-5, rtol=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
+    assert torch.allclose(_logits(reloaded), _logits(reference.model), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", ["width-ls", "width-heads", "width-per-block", "width-hidden"])
 def test_cpu_offloaded_structural_steps_keep_the_offload(name, tokenizer, tiny_recipe):
     """A model the user wrapped with accelerate.cpu_offload: width rebuilds it and offloads the result again."""

@@ -77,7 +77,6 @@ class ExpertsMethod(PruningMethod):
     """
 
     config: ExpertsConfig
-    supports_offload = False  # edits every block at once / copies the model
     removed: dict[int, list[int]] | None = None
 
     @property
