@@ -148,3 +148,20 @@ def test_the_width_is_one_the_config_accepts(tokenizer, tiny_recipe, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize(
+    "first", [{"method": "depth", "num_blocks": 1}, {"method": "width", "mlp": 0.25}], ids=["depth", "width"]
+)
+def test_hidden_after_another_structural_step(first, tokenizer, tiny_recipe, tmp_path):
+    """A later step plans on the model the earlier one left (fewer blocks, narrower MLPs), not on the loaded one."""
+    recipe = tiny_recipe(first)
+    recipe["steps"].append({"method": "width", "hidden": 0.25})
+    pruner = HFPruner(make_tiny_model("llama"), tokenizer, recipe)
+    pruner.prune()
+    config = pruner.model.config
+    assert config.hidden_size == 48
+    assert (config.num_hidden_layers, config.intermediate_size) == ((2, 128) if first["method"] == "depth" else (3, 96))
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)

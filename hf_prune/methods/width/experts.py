@@ -121,7 +121,7 @@ def narrow_routed_experts(
             new, error = refit_kept_columns(weight, stats.second_moment.to(weight.device), keep)
             errors.append(error)
         keeps.append(keep)
-        new_downs.append(new if new is not None else weight[:, keep])
+        new_downs.append((new if new is not None else weight[:, keep]).to(ref.parameter().dtype))
     _set_fused(experts, layout, keeps, new_downs, old, width)
     summary = {"tokens_per_expert": collector.summary()["tokens_per_expert"]}
     if errors:
@@ -142,18 +142,22 @@ def _set_fused(experts: nn.Module, layout, keeps, new_downs, old: int, width: in
             return torch.stack((2 * keep, 2 * keep + 1), 1).reshape(-1)
         return torch.cat((keep, keep + old))
 
-    def replace(name: str, tensors: list[torch.Tensor]) -> None:
+    def replace(name: str, expert_matrix) -> None:
+        """The fused tensor rebuilt expert by expert into one buffer of its dtype (no stacked float32 copy)."""
         param = getattr(experts, name)
-        new = torch.stack(tensors).to(device=param.device, dtype=param.dtype).contiguous()
+        new = None
+        for e in range(len(keeps)):
+            matrix = expert_matrix(param, e)
+            if new is None:
+                new = torch.empty((len(keeps), *matrix.shape), dtype=param.dtype, device=param.device)
+            new[e] = matrix
         experts._parameters[name] = nn.Parameter(new, requires_grad=False)
 
-    gate_up = getattr(experts, first)
     dim = 1 if layout.transposed else 0  # the out dimension of one expert's matrix
-    replace(first, [gate_up[e].index_select(dim, rows(k).to(gate_up.device)) for e, k in enumerate(keeps)])
+    replace(first, lambda p, e: p[e].index_select(dim, rows(keeps[e]).to(p.device)))
     if layout.gate_up_bias is not None:
-        bias = getattr(experts, layout.gate_up_bias)
-        replace(layout.gate_up_bias, [bias[e].index_select(0, rows(k).to(bias.device)) for e, k in enumerate(keeps)])
-    replace(layout.down, [w.t() if layout.transposed else w for w in new_downs])
+        replace(layout.gate_up_bias, lambda p, e: p[e].index_select(0, rows(keeps[e]).to(p.device)))
+    replace(layout.down, lambda p, e: new_downs[e].t() if layout.transposed else new_downs[e])
     for attr in ("intermediate_dim", "intermediate_size", "expert_dim", "moe_intermediate_size"):
         if getattr(experts, attr, None) == old:
             setattr(experts, attr, width)

@@ -85,10 +85,14 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, new_width: int, narrow
                 if ref.module.bias is not None:
                     sites.cut[f"{ref.name}.bias"] = 0
                 sites.writers.append(ref.name)
-    state = materialized_state_dict(model)
+    state = None  # read from the offload's weights map only if a norm is offloaded
     for module in norm_modules:
         name = names[id(module)]
-        sites.norms[name] = _norm_offset(module, name, state[f"{name}.weight"])
+        weight = module.weight
+        if weight.device.type == "meta":
+            state = state if state is not None else materialized_state_dict(model)
+            weight = state[f"{name}.weight"]
+        sites.norms[name] = _norm_offset(module, name, weight.detach())
         for leaf, _ in module.named_parameters(recurse=False):
             sites.cut[f"{name}.{leaf}"] = 0
     sites.embedding_scale = _embedding_scale_ratio(model, narrowed)
@@ -246,10 +250,10 @@ class StreamRecorder:
     def refits(self) -> dict[str, tuple[str, torch.Tensor]]:
         """reader linear -> (its norm, that norm's output second moment E[y y^T]), summed over the ranks."""
         moments = {}
-        for name, gram in self.grams.items():
+        for name in list(self.grams):
+            gram = self.grams.pop(name)  # divided in place: one copy of each moment alive
             distributed.all_reduce_sum(gram)
-            moments[name] = gram / max(self.outputs[name].tokens, 1)
-        self.grams = {}
+            moments[name] = gram.div_(max(self.outputs[name].tokens, 1))
         return {reader: (norm, moments[norm]) for reader, norm in self.reader_norm.items() if norm in moments}
 
 

@@ -308,6 +308,7 @@ class WidthMethod(PruningMethod):
     def run(self, ctx: PruneContext) -> StepReport:
         start = time.perf_counter()
         c = self.config
+        self.preflight(ctx)  # the plan from the model as it is now: an earlier step of the recipe may have changed it
         report = StepReport(c.method, c.to_dict(), c.non_default_dict())
         total_before = sum(p.numel() for p in ctx.model.parameters())
         plans = self.per_block_plans(ctx, report) if c.per_block else None
@@ -606,15 +607,12 @@ def consumer_statistics(
 ):
     """Run the block once with the consumers' (down, o) inputs recorded (and the ``extra`` hooks on); with
     ``keep_outputs`` the block's outputs are handed to the engine as the next block's inputs."""
-    stats = {}
-    for part in parts:
-        consumer = refs[PARTS[part][1]]
-        stats[part] = S.ChannelStats(consumer.in_features, consumer.device, second_moment)
-    handles = [
-        refs[PARTS[part][1]].module.register_forward_pre_hook(lambda m, args, st=stats[part]: st.update(args[0]))
-        for part in parts
-    ]
-    with hooks([*handles, *extra]):
+    stats, handles = {}, list(extra)
+    with hooks(handles):  # removed on any error, the extra hooks included
+        for part in parts:
+            consumer = refs[PARTS[part][1]]
+            stats[part] = st = S.ChannelStats(consumer.in_features, consumer.device, second_moment)
+            handles.append(consumer.module.register_forward_pre_hook(lambda m, args, st=st: st.update(args[0])))
         outputs = step.forward(keep_outputs=keep_outputs)
     if keep_outputs:
         step.info["outputs"] = outputs
