@@ -136,6 +136,18 @@ def _tiny_llava_with_processor(tokenizer):
     return model, processor
 
 
+def _saved_reloads_to_the_same_logits(pruner, processor, folder):
+    """Save, reload with AutoModelForImageTextToText, and compare logits on an image + text prompt."""
+    out = pruner.save_pretrained(folder)
+    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    inputs = processor(
+        images=[torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()], text=["<image>\nHello"], return_tensors="pt"
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, pruner.model(**inputs).logits)
+    return out
+
+
 def test_weight_pruning_of_the_language_model_with_image_calibration(tmp_path, tokenizer):
     model, processor = _tiny_llava_with_processor(tokenizer)
     vision_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
@@ -152,13 +164,7 @@ def test_weight_pruning_of_the_language_model_with_image_calibration(tmp_path, t
     for ref in ModelAdapter(model).all_linears():
         assert ref.name.startswith("model.language_model.layers.")
         assert int((weight_out_in(ref.module) == 0).sum()) == weight_out_in(ref.module).numel() // 2
-    out = pruner.save_pretrained(tmp_path / "vlm")
-    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
-    inputs = processor(
-        images=[torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()], text=["<image>\nHello"], return_tensors="pt"
-    )
-    with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, pruner.model(**inputs).logits)
+    out = _saved_reloads_to_the_same_logits(pruner, processor, tmp_path / "vlm")
     assert (out / "preprocessor_config.json").exists() or (out / "processor_config.json").exists()
 
 

@@ -161,7 +161,8 @@ def test_hidden_after_another_structural_step(first, tokenizer, tiny_recipe, tmp
     pruner.prune()
     config = pruner.model.config
     assert config.hidden_size == 48
-    assert (config.num_hidden_layers, config.intermediate_size) == ((2, 128) if first["method"] == "depth" else (3, 96))
+    expected = (2, 128) if first["method"] == "depth" else (3, 96)
+    assert (config.num_hidden_layers, config.intermediate_size) == expected
     reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)

@@ -4,12 +4,11 @@ on image + text inputs; what its config cannot express is refused before any wor
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
 
 from hf_prune import HFPruner
 from hf_prune.errors import UnsupportedModelError
 
-from .test_vlm import _tiny_llava_with_processor
+from .test_vlm import _saved_reloads_to_the_same_logits, _tiny_llava_with_processor
 from .vlm_models import VLM_FAMILIES, tiny_vlm
 
 HEADS_REFUSED = ("qwen2_vl",)  # its text attention derives head_dim from hidden_size
@@ -53,13 +52,7 @@ def test_image_calibrated_width_on_llava_reloads_with_auto_class(tokenizer, tmp_
     }
     pruner = HFPruner(model, recipe=recipe, processor=processor)
     pruner.prune()
-    out = pruner.save_pretrained(tmp_path / "vlm")
-    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
-    inputs = processor(
-        images=[torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()], text=["<image>\nHello"], return_tensors="pt"
-    )
-    with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, pruner.model(**inputs).logits)
+    _saved_reloads_to_the_same_logits(pruner, processor, tmp_path / "vlm")
 
 
 @pytest.mark.parametrize("key", ["hidden", "per_block"])
