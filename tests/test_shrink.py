@@ -33,6 +33,31 @@ def test_parameter_target_tries_every_mix_and_keeps_the_best(tokenizer, tiny_rec
         assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
 
 
+@pytest.mark.parametrize(
+    "step, feasible",
+    [
+        # blocks are 2% of this tiny model (its embeddings dominate): heads fit a 1% cut, hidden channels do not
+        ({"params": 0.99, "heads": [0.0, 0.5], "hidden": [0.0, 0.125]}, {(0.0, 0.0), (0.5, 0.0)}),
+        ({"params": 0.87, "depth_shares": [0.0], "hidden": [0.125]}, {(0.0, 0.125)}),
+    ],
+)
+def test_candidates_mix_heads_and_hidden_channels_too(step, feasible, tokenizer, tiny_recipe, tmp_path):
+    """heads / hidden lists: every combination with every depth share is a candidate (MLP neurons take the rest of
+    the budget); each is reported, infeasible ones as such, the best is kept and reloads as a plain checkpoint."""
+    pruner, details, total = _shrink({"depth_shares": [0.0, 0.5], **step}, tokenizer, tiny_recipe)
+    tried = [c for c in details["candidates"] if "calibration_ppl" in c]
+    assert {(c["heads_removed"], c["hidden_removed"]) for c in tried} == feasible
+    assert all(
+        not c["feasible"] for c in details["candidates"] if "calibration_ppl" not in c and not c["same_as_earlier"]
+    )
+    for c in tried:  # every candidate near the target, whichever axes it used
+        assert abs(c["params_kept"] - step["params"]) < 0.005, c
+    assert details["chosen"]["calibration_ppl"] == min(c["calibration_ppl"] for c in tried)
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
+
+
 def test_speed_target_picks_among_candidates_that_reach_it(monkeypatch, tokenizer, tiny_recipe):
     """Latency replaced by a deterministic cost (the block parameters a forward touches), so the choice among
     candidates is tested without depending on this machine's load; the real clock runs in the benchmarks."""
@@ -59,6 +84,8 @@ def test_speed_target_picks_among_candidates_that_reach_it(monkeypatch, tokenize
         ({"params": 1.5}, "fraction of parameters to keep"),
         ({"speedup": 0.5}, "> 1"),
         ({"params": 0.5}, "no mix of depth and width reaches it"),
+        ({"speedup": 1.5, "heads": [0.0, 0.5]}, "speed targets mix depth and MLP neurons only"),
+        ({"params": 0.9, "hidden": [1.0]}, "fractions in \\[0, 1\\)"),
     ],
 )
 def test_bad_targets_are_refused_before_any_work(step, message, tokenizer, tiny_recipe):

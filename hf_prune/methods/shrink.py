@@ -1,5 +1,6 @@
-"""Reach a size or a measured speed: combine depth (whole blocks) and width (MLP neurons) pruning, choosing the mix
-by the calibration perplexity of candidates and, for a speed target, by latency measured on this machine."""
+"""Reach a size or a measured speed: combine depth (whole blocks) and width (MLP neurons, and for a size target also
+attention heads and hidden channels) pruning, choosing the mix by the calibration perplexity of candidates and, for a
+speed target, by latency measured on this machine."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ class ShrinkConfig(StepConfig):
         speedup: prefill speedup to reach, > 1, measured on this machine (``latency_tokens`` tokens, batch 1).
         depth_shares: candidate mixes: the share of the removed block parameters taken by removing whole blocks
             (the rest by removing MLP neurons of the remaining blocks). 0 = width only, 1 = depth only.
+        heads, hidden: for a size target, fractions of the attention heads / hidden channels each candidate also
+            removes (every combination with every depth share is tried; MLP neurons take the rest). ``[0.0]``:
+            MLP neurons only.
         criterion, compensate: the width step's (see ``width``).
         depth_criterion: the depth step's block score (see ``depth``).
         depth_compensate: the depth step's compensation (``none`` / ``least_squares``: each removed run replaced
@@ -57,6 +61,8 @@ class ShrinkConfig(StepConfig):
     params: float | None = None
     speedup: float | None = None
     depth_shares: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    heads: list[float] = field(default_factory=lambda: [0.0])
+    hidden: list[float] = field(default_factory=lambda: [0.0])
     criterion: str = "fluctuation"
     compensate: str = "least_squares"
     depth_criterion: str = "angular"
@@ -75,6 +81,16 @@ class ShrinkConfig(StepConfig):
         shares = self.depth_shares
         if not shares or not all(isinstance(s, (int, float)) and 0 <= s <= 1 for s in shares):
             raise RecipeError(f"shrink.depth_shares must be a non-empty list of numbers in [0, 1], got {shares!r}.")
+        for key in ("heads", "hidden"):
+            values = getattr(self, key)
+            if not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in values
+            ):
+                raise RecipeError(f"shrink.{key} must be a non-empty list of fractions in [0, 1), got {values!r}.")
+            if self.speedup is not None and any(values):
+                raise RecipeError(
+                    f"shrink.{key}: speed targets mix depth and MLP neurons only; use params with {key} candidates."
+                )
         if self.criterion not in CRITERIA or self.compensate not in COMPENSATIONS:
             raise RecipeError(
                 f"shrink.criterion must be one of {', '.join(CRITERIA)}, compensate one of {', '.join(COMPENSATIONS)}."
@@ -90,28 +106,46 @@ class ShrinkConfig(StepConfig):
                 raise RecipeError(f"shrink.{key} must be a positive integer, got {value!r}.")
 
 
+@dataclass(frozen=True)
+class Mix:
+    """One candidate: blocks removed, and fractions of MLP neurons, heads and hidden channels removed."""
+
+    blocks: int
+    mlp: float
+    heads: float = 0.0
+    hidden: float = 0.0
+
+
 @dataclass
 class BlockBudget:
-    """Parameter counts of a uniform decoder: per block (MLP and the rest), blocks, whole model."""
+    """Parameter counts of a uniform decoder: per block (MLP, attention projections, the rest), blocks, whole model."""
 
     mlp: int
     other: int
     blocks: int
     total: int
+    attention: int = 0
 
     @property
     def block(self) -> int:
         return self.mlp + self.other
 
-    def mix(self, removed: float, share: float) -> tuple[int, float] | None:
-        """(blocks to remove, MLP fraction to remove from the rest) that take ``removed`` parameters with ``share`` of
-        them by depth; None where the mix cannot (too many blocks, or MLPs nearly gone)."""
+    def mix(self, removed: float, share: float, heads: float = 0.0, hidden: float = 0.0) -> Mix | None:
+        """The candidate that takes ``removed`` parameters with ``share`` of them by depth, ``heads`` of the attention
+        heads and ``hidden`` of the hidden channels, MLP neurons the rest; None where it cannot (too many blocks, the
+        other axes already past the target, or MLPs nearly gone)."""
         blocks = round(share * removed / self.block)
         if blocks >= self.blocks:
             return None
-        rest = removed - blocks * self.block
-        mlp = max(rest, 0) / ((self.blocks - blocks) * self.mlp)
-        return (blocks, mlp) if mlp < MAX_MLP else None
+        left = self.blocks - blocks
+        outside = self.total - self.blocks * self.block  # embeddings, head, final norm
+        by_heads = heads * self.attention * left
+        by_hidden = hidden * (outside + left * (self.attention * (1 - heads) + self.mlp))
+        rest = removed - blocks * self.block - by_heads - by_hidden
+        if rest < 0 and (heads or hidden):
+            return None
+        mlp = max(rest, 0) / (left * self.mlp * (1 - hidden))
+        return Mix(blocks, mlp, heads, hidden) if mlp < MAX_MLP else None
 
 
 def _better(entry: dict, best: dict, speedup: float | None) -> bool:
@@ -128,8 +162,11 @@ def _better(entry: dict, best: dict, speedup: float | None) -> bool:
 
 def measure_budget(model: nn.Module, adapter: ModelAdapter) -> BlockBudget:
     block = adapter.blocks[0]
-    mlp = sum(r.weight().numel() for r in adapter.linears(0) if r.role in ("gate", "up", "down"))
-    return BlockBudget(mlp, sum(p.numel() for p in block.parameters()) - mlp, adapter.num_blocks, _count(model))
+    roles = {r.role: r.weight().numel() for r in adapter.linears(0)}
+    mlp = sum(roles.get(r, 0) for r in ("gate", "up", "gate_up", "down"))
+    attention = sum(roles.get(r, 0) for r in ("q", "k", "v", "qkv", "o"))
+    other = sum(p.numel() for p in block.parameters()) - mlp
+    return BlockBudget(mlp, other, adapter.num_blocks, _count(model), attention)
 
 
 def _count(model: nn.Module) -> int:
@@ -164,10 +201,14 @@ class ShrinkMethod(PruningMethod):
         c = self.config
         self.budget = measure_budget(ctx.model, ctx.adapter)
         WidthMethod(WidthConfig(mlp=0.5, criterion=c.criterion, compensate=c.compensate)).preflight(ctx)
+        for heads in (h for h in c.heads if h):  # the family can lose heads / hidden channels: checked up front
+            WidthMethod(WidthConfig(heads=heads, criterion=c.criterion, compensate=c.compensate)).preflight(ctx)
+        for hidden in (h for h in c.hidden if h):
+            WidthMethod(WidthConfig(hidden=hidden, criterion=c.criterion, compensate=c.compensate)).preflight(ctx)
         DepthMethod(self._depth_config(1)).preflight(ctx)
         if c.params is not None:
             removed = (1 - c.params) * self.budget.total
-            if not any(self.budget.mix(removed, s) for s in c.depth_shares):
+            if not any(self.budget.mix(removed, *axes) for axes in self._grid()):
                 raise RecipeError(
                     f"shrink.params={c.params}: no mix of depth and width reaches it (at most {MAX_MLP:.0%} of each "
                     "MLP and all blocks but one); ask for a larger fraction."
@@ -182,18 +223,18 @@ class ShrinkMethod(PruningMethod):
         candidates = []
         best = None
         tried = set()
-        for share in c.depth_shares:
-            mix = self._mix_for_target(ctx.model, share, dense_latency)
+        for share, heads, hidden in self._grid():
+            mix = self._mix_for_target(ctx.model, share, heads, hidden, dense_latency)
+            asked = {"depth_share": share, "heads_removed": heads, "hidden_removed": hidden}
             if mix is None or mix in tried:
-                candidates.append({"depth_share": share, "feasible": mix is not None, "same_as_earlier": mix in tried})
+                candidates.append({**asked, "feasible": mix is not None, "same_as_earlier": mix in tried})
                 continue
             tried.add(mix)
-            blocks, mlp = mix
-            model = self._prune_candidate(ctx, blocks, mlp)
+            model = self._prune_candidate(ctx, mix)
             entry = {
-                "depth_share": share,
-                "blocks_removed": blocks,
-                "mlp_removed": round(mlp, 4),
+                **asked,
+                "blocks_removed": mix.blocks,
+                "mlp_removed": round(mix.mlp, 4),
                 "params": _count(model),
                 "params_kept": round(_count(model) / self.budget.total, 4),
                 "calibration_ppl": round(perplexity_of_tokens(model, held_out.reshape(-1), held_out.shape[1]), 4),
@@ -214,7 +255,8 @@ class ShrinkMethod(PruningMethod):
                 c.speedup,
                 entry["speedup"],
             )
-        model = self._prune_candidate(ctx, entry["blocks_removed"], entry["mlp_removed"], in_place=True)
+        chosen = Mix(entry["blocks_removed"], entry["mlp_removed"], entry["heads_removed"], entry["hidden_removed"])
+        model = self._prune_candidate(ctx, chosen, in_place=True)
         ctx.model, ctx.adapter = model, ModelAdapter(model)
         report.details = {"candidates": candidates, "chosen": entry, "dense_params": self.budget.total}
         if dense_latency is not None:
@@ -230,10 +272,16 @@ class ShrinkMethod(PruningMethod):
         )
         return windows
 
-    def _mix_for_target(self, model: nn.Module, share: float, dense_latency: float | None) -> tuple[int, float] | None:
+    def _grid(self) -> list[tuple[float, float, float]]:
+        c = self.config
+        return [(s, h, x) for s in c.depth_shares for h in c.heads for x in c.hidden]
+
+    def _mix_for_target(
+        self, model: nn.Module, share: float, heads: float, hidden: float, dense_latency: float | None
+    ) -> Mix | None:
         geo, c = self.budget, self.config
         if c.params is not None:
-            return geo.mix((1 - c.params) * geo.total, share)
+            return geo.mix((1 - c.params) * geo.total, share, heads, hidden)
         # a speed target: start from the block parameters a linear cost model removes, then correct once by the
         # latency of a model of that shape (random weights: speed does not depend on which channels are kept)
         removed = (1 - 1 / c.speedup) * geo.blocks * geo.block
@@ -241,7 +289,8 @@ class ShrinkMethod(PruningMethod):
         for _ in range(2):
             if mix is None:
                 return None
-            measured = dense_latency / prefill_latency(self._shape_only(model, *mix), c.latency_tokens, c.latency_runs)
+            shaped = self._shape_only(model, mix.blocks, mix.mlp)
+            measured = dense_latency / prefill_latency(shaped, c.latency_tokens, c.latency_runs)
             if measured >= c.speedup:
                 return mix
             removed *= (1 - 1 / c.speedup) / max(1 - 1 / measured, 1e-3)
@@ -264,17 +313,20 @@ class ShrinkMethod(PruningMethod):
         with torch.device(param.device):  # built where it is timed, in the model's dtype (no float32 copy)
             return type(model)._from_config(config, dtype=param.dtype).eval()
 
-    def _prune_candidate(self, ctx: PruneContext, blocks: int, mlp: float, in_place: bool = False) -> nn.Module:
-        """The model with ``blocks`` blocks and a fraction ``mlp`` of MLP neurons removed: a copy (a candidate), or
-        the model itself (the winner, pruned again the same way: the same calibration gives the same result)."""
+    def _prune_candidate(self, ctx: PruneContext, mix: Mix, in_place: bool = False) -> nn.Module:
+        """The model with ``mix`` removed: a copy (a candidate), or the model itself (the winner, pruned again the
+        same way: the same calibration gives the same result)."""
         c = self.config
         model = ctx.model if in_place else copy.deepcopy(ctx.model)
         sub = dataclasses.replace(ctx, model=model, adapter=ModelAdapter(model))
         steps: list[PruningMethod] = []
-        if blocks:
-            steps.append(DepthMethod(self._depth_config(blocks)))
-        if mlp > 0:
-            steps.append(WidthMethod(WidthConfig(mlp=mlp, criterion=c.criterion, compensate=c.compensate)))
+        if mix.blocks:
+            steps.append(DepthMethod(self._depth_config(mix.blocks)))
+        if mix.mlp > 0 or mix.heads or mix.hidden:
+            width = WidthConfig(
+                mlp=mix.mlp, heads=mix.heads, hidden=mix.hidden, criterion=c.criterion, compensate=c.compensate
+            )
+            steps.append(WidthMethod(width))
         for step in steps:
             step.config.validate()
             step.preflight(sub)
