@@ -12,7 +12,7 @@ from hf_prune.adapters import ModelAdapter
 from .conftest import MOE_FAMILIES, make_tiny_model
 
 IDS = torch.randint(0, 3000, (2, 20), generator=torch.Generator().manual_seed(3))
-HEADS_REFUSED = ("olmoe", "gpt_oss", "deepseek_v3")  # tested in test_width: refused before any work
+HEADS_REFUSED = ("olmoe", "deepseek_v3")  # tested in test_width: refused before any work
 
 
 def _expert_widths(model) -> dict[int, int]:
@@ -26,6 +26,7 @@ def _expert_widths(model) -> dict[int, int]:
 def test_every_moe_family_narrows_its_experts_into_its_own_class(family, tokenizer, tiny_recipe, tmp_path):
     model = make_tiny_model(family)
     before = _expert_widths(model)
+    before_sinks = model.model.layers[0].self_attn.sinks.detach().clone() if family == "gpt_oss" else None
     step = {"method": "width", "mlp": 0.25, **({} if family in HEADS_REFUSED else {"heads": 0.5})}
     pruner = HFPruner(model, tokenizer, tiny_recipe(step))
     details = pruner.prune().steps[0].details
@@ -33,6 +34,10 @@ def test_every_moe_family_narrows_its_experts_into_its_own_class(family, tokeniz
     assert type(pruned) is type(model)
     assert _expert_widths(pruned) == {i: 3 * w // 4 for i, w in before.items()}  # 32 -> 24 in every MoE block
     assert details["expert_width"] == _expert_widths(pruned)
+    if family == "gpt_oss":  # one attention sink per query head: the kept heads keep theirs
+        sinks = pruned.model.layers[0].self_attn.sinks
+        assert sinks.shape == (pruned.config.num_attention_heads,) == (2,)
+        assert all(bool((before_sinks == v).any()) for v in sinks)
     for block in details["compensation_error"].values():  # the down refit never worse than slicing
         experts = block.get("experts")
         if experts and "refit_mean" in experts:

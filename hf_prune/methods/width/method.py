@@ -254,10 +254,12 @@ class WidthMethod(PruningMethod):
 
     def _attention_vectors(self, plan: Plan) -> dict[str, tuple[int, ...]]:
         """Vectors of the attention module (not its linears) as wide as all query or all key heads (OLMoE's q_norm /
-        k_norm over every head): the cut narrows them with the heads, so the config must describe that too."""
+        k_norm over every head) or with one value per query head (gpt-oss's sinks, cut with the heads): the cut
+        narrows them with the heads, so the config must describe that too."""
         heads, kv = self._head_counts(plan.unit_keep)
         geo, adapter = self.geo, self.adapter
         old = {geo.heads * geo.head_dim: heads * geo.head_dim, geo.kv_heads * geo.head_dim: kv * geo.head_dim}
+        old.setdefault(geo.heads, heads)
         shapes = {}
         for i in range(adapter.num_blocks):
             attention = adapter.blocks[i].get_submodule(adapter.spec.attention)
@@ -396,6 +398,8 @@ class WidthMethod(PruningMethod):
         if c.heads:
             q_keep, kv_keep = self._head_keep(refs, stats.get("heads"), plan.unit_keep)
             errors["heads"] = self._cut(refs, "heads", q_keep, stats, kv_keep)
+            attention = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention)
+            _keep_head_vectors(attention, q_keep[:: self.geo.head_dim] // self.geo.head_dim, self.geo.heads)
         attn = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention) if c.heads else None
         heads = weight_out_in(refs["o"].module).shape[1] // self.geo.head_dim if "o" in refs else None
         kv = weight_out_in(refs["k"].module).shape[0] // self.geo.head_dim if "k" in refs else None
@@ -585,6 +589,13 @@ class WidthMethod(PruningMethod):
             if hasattr(attn, "num_key_value_groups"):
                 out[f"{adapter.block_name(i)}.{adapter.spec.attention}"] = int(attn.num_key_value_groups)
         return out
+
+
+def _keep_head_vectors(attn: nn.Module, heads: torch.Tensor, old: int) -> None:
+    """The attention module's own one-value-per-query-head parameters (gpt-oss's sinks) keep the kept heads'."""
+    for name, p in list(attn.named_parameters(recurse=False)):
+        if p.dim() == 1 and p.shape[0] == old:
+            attn._parameters[name] = nn.Parameter(p.data[heads.to(p.device)].clone(), requires_grad=False)
 
 
 def _narrow_attention_attributes(attn: nn.Module, heads: int, kv: int) -> None:
