@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -41,9 +42,9 @@ def _depth_rows() -> list[dict]:
     return out
 
 
-def _dense_params() -> int:
+def _dense() -> dict:
     with open(os.path.join(RESULTS, "width_frontier_smollm2.json")) as f:
-        return json.load(f)["results"]["dense"]["params"]
+        return json.load(f)["results"]["dense"]
 
 
 def _width_rows() -> list[dict]:
@@ -73,34 +74,20 @@ def main() -> None:
     parser.add_argument("--plot")
     args = parser.parse_args()
     rows = sorted(_depth_rows() + _width_rows(), key=lambda r: -r["params"])
-    dense = _dense_params()
+    dense = _dense()["params"]
     print("| config | params | removed | ppl |")
     print("|---|---|---|---|")
     for r in rows:
         removed = 1 - r["params"] / dense
         print(f"| {r['config']} | {r['params'] / 1e6:.1f} M | {removed:.1%} | {r['ppl']:.2f} |")
-    if args.plot:
-        import matplotlib
+    if args.plot:  # the frontier's plot, by parameters: one line per method (named "line level")
+        sys.path.insert(0, os.path.dirname(__file__))
+        from width_frontier import plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        lines: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            lines.setdefault(r["line"], []).append((1 - r["params"] / dense, r["ppl"]))
-        for line, points in sorted(lines.items()):
-            points.sort()
-            ax.plot(*zip(*points), "o-", label=line, ms=4)
-        ax.axhline(16.95, color="gray", lw=0.8, ls=":", label="dense (16.95)")
-        ax.set_yscale("log")
-        ax.set_xlabel("fraction of the parameters removed")
-        ax.set_ylabel("perplexity (Wikipedia, 32 x 512)")
-        ax.set_title("SmolLM2-135M: depth at every block count vs width (no healing)", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        results = {"dense": _dense()}
+        results.update({f"{r['line']} {i}": r for i, r in enumerate(rows)})
+        title = "SmolLM2-135M: depth at every block count vs width (no healing)"
+        plot(results, args.plot, title, by_params=True)
         print(f"\nplot: {args.plot}")
 
 

@@ -346,4 +346,3 @@ WIDTH_FAMILIES: dict[str, WidthSpec] = {
     "gpt2": WidthSpec(mlp_key="n_inner", heads=False),  # the same; and c_attn fuses q/k/v
     "phi3": WidthSpec(),  # fused qkv_proj / gate_up_proj: each part's rows cut alike
 }
-WIDTH_REFUSED: dict[str, str] = {}  # family -> why width cannot run on it (none today; checked before any work)

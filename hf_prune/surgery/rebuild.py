@@ -39,7 +39,9 @@ def updated_config(config, updates: dict):
     if text is config:
         data.update(updates)
     else:
-        key = next(k for k, v in vars(config).items() if v is text)
+        key = next((k for k, v in vars(config).items() if v is text), None)
+        if key is None:
+            raise ValueError(f"{type(config).__name__}: its language model's config is nested deeper than one level")
         data[key] = {**data[key], **updates}
     return type(config).from_dict(data)
 

@@ -13,8 +13,9 @@ from ...adapters import ExpertRef, ModelAdapter
 from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import BlockStep
 from ...calibration.experts import ROUTED
+from ...errors import UnsupportedModelError
 from ..expert_calibration import ExpertStatistics
-from .scores import ChannelStats, channel_scores, keep_top, refit_kept_columns
+from .scores import ChannelStats, channel_scores, keep_top, refit_kept_columns, refit_summary
 
 # config keys that may hold each kind of MLP width, most specific first
 WIDTH_KEYS = {
@@ -60,13 +61,6 @@ def unsupported_experts(adapter: ModelAdapter) -> str | None:
     return None
 
 
-def fused_shapes(adapter: ModelAdapter, index: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of block ``index``'s fused expert tensors, by their block-relative names."""
-    spec = adapter.moe_spec(index)
-    experts = adapter.experts_module(index)
-    return {f"{spec.experts}.{n}": tuple(p.shape) for n, p in experts.named_parameters(recurse=False)}
-
-
 def narrowed_fused_shapes(adapter: ModelAdapter, index: int, width: int) -> dict[str, tuple[int, ...]]:
     """What block ``index``'s fused expert tensors become with ``width`` neurons per expert."""
     spec = adapter.moe_spec(index)
@@ -84,7 +78,10 @@ def narrowed_fused_shapes(adapter: ModelAdapter, index: int, width: int) -> dict
         elif name == layout.down:
             shape[1 if layout.transposed else 2] = width
         elif old in shape[1:]:
-            raise ValueError(f"{spec.experts}.{name}")
+            raise UnsupportedModelError(
+                f"width.mlp: {spec.experts}.{name} {tuple(shape)} also spans the experts' width {old}, in a layout "
+                "hf_prune does not know how to narrow; remove whole experts with {method: experts} instead."
+            )
         out[f"{spec.experts}.{name}"] = tuple(shape)
     return out
 
@@ -124,11 +121,7 @@ def narrow_routed_experts(
         new_downs.append((new if new is not None else weight[:, keep]).to(ref.parameter().dtype))
     _set_fused(experts, layout, keeps, new_downs, old, width)
     summary = {"tokens_per_expert": collector.summary()["tokens_per_expert"]}
-    if errors:
-        summary["refit_kept"] = sum(e["kept"] for e in errors)
-        summary["plain_mean"] = round(sum(e["plain"] for e in errors) / len(errors), 6)
-        summary["refit_mean"] = round(sum(min(e["refit"], e["plain"]) for e in errors) / len(errors), 6)
-    return summary
+    return {**summary, **refit_summary(errors)} if errors else summary
 
 
 def _set_fused(experts: nn.Module, layout, keeps, new_downs, old: int, width: int) -> None:

@@ -21,11 +21,10 @@ from ... import distributed
 from ...adapters import ModelAdapter, get_submodule, is_linear, is_transposed
 from ...errors import UnsupportedModelError
 from ...surgery import materialized_state_dict
-from .scores import ChannelStats, keep_top, refit_kept_columns
+from .scores import ChannelStats, refit_kept_columns
 
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # read the stream (through a norm): their input columns go
 WRITERS = ("o", "down")  # write into the stream: their output rows go
-STREAM_CRITERIA = ("activation", "fluctuation", "magnitude")
 
 
 @dataclass
@@ -55,9 +54,9 @@ def _is_stream_norm(module: nn.Module, width: int) -> bool:
     )
 
 
-def stream_sites(model: nn.Module, adapter: ModelAdapter, new_width: int, narrowed: nn.Module) -> StreamSites:
-    """Every place of ``model`` that holds the stream's width; ``narrowed`` is the meta skeleton of the model with
-    ``hidden_size = new_width`` (for the embedding scale it computes). Raises before any work when a norm is not a
+def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -> StreamSites:
+    """Every place of ``model`` that holds the stream's width; ``narrowed`` is the meta skeleton of the narrowed
+    model (for the embedding scale it computes). Raises before any work when a norm is not a
     plain RMS norm (a LayerNorm centres over the channels: removing some changes every output)."""
     width = model.config.hidden_size
     names = {id(m): n for n, m in model.named_modules()}
@@ -255,10 +254,6 @@ class StreamRecorder:
             distributed.all_reduce_sum(gram)
             moments[name] = gram.div_(max(self.outputs[name].tokens, 1))
         return {reader: (norm, moments[norm]) for reader, norm in self.reader_norm.items() if norm in moments}
-
-
-def kept_channels(recorder: StreamRecorder, criterion: str, keep: int) -> torch.Tensor:
-    return keep_top(recorder.scores(criterion), keep)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters import WIDTH_REFUSED, LinearRef, ModelAdapter, WidthSpec, weight_out_in
+from ...adapters import LinearRef, ModelAdapter, WidthSpec, weight_out_in
 from ...calibration.engine import BlockStep, hooks
 from ...errors import RecipeError, UnsupportedModelError
 from ...report import StepReport
@@ -22,7 +22,7 @@ from ..base import PruningMethod, StepConfig
 from ..context import PruneContext
 from . import experts as X
 from . import scores as S
-from .hidden import READERS, StreamCut, StreamRecorder, kept_channels, stream_sites
+from .hidden import READERS, StreamCut, StreamRecorder, stream_sites
 from .layout import narrowed_skeleton, plan_mismatch, width_spec
 from .surgery import keep_inputs, keep_outputs, rebuild_plain
 
@@ -167,8 +167,6 @@ class WidthMethod(PruningMethod):
                 f"width.{'hidden' if c.hidden else 'per_block'}: not supported on vision-language models yet (the "
                 "projector writes into the language model's stream; per-block files are text-only); use mlp / heads."
             )
-        if family in WIDTH_REFUSED:
-            raise UnsupportedModelError(f"width: {family} is not supported: {WIDTH_REFUSED[family]}.")
         self.adapter, self.moe = adapter, bool(adapter.moe_blocks())
         if self.moe:
             self._check_moe(family)
@@ -207,7 +205,7 @@ class WidthMethod(PruningMethod):
             narrowed, problem = narrowed_skeleton(ctx.model, self.plain_updates(plan))
             if narrowed is not None:
                 if c.hidden:
-                    self.sites = stream_sites(ctx.model, adapter, plan.hidden_keep, narrowed)
+                    self.sites = stream_sites(ctx.model, adapter, narrowed)
                 cut = self.sites.cut if self.sites else None
                 extra = self._moe_targets(narrowed) if self.moe else {}
                 extra.update(self._attention_vectors(plan) if c.heads else {})
@@ -334,12 +332,7 @@ class WidthMethod(PruningMethod):
         ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform, stream_cut)
         if stream_cut is not None and stream_cut.errors:
             errors = list(stream_cut.errors.values())
-            report.details["hidden_compensation_error"] = {
-                "readers": len(errors),
-                "refit_kept": sum(e["kept"] for e in errors),
-                "plain_mean": round(sum(e["plain"] for e in errors) / len(errors), 6),
-                "refit_mean": round(sum(min(e["refit"], e["plain"]) for e in errors) / len(errors), 6),
-            }
+            report.details["hidden_compensation_error"] = {"readers": len(errors), **S.refit_summary(errors)}
         total_after = sum(p.numel() for p in ctx.model.parameters())
         report.details.update(
             {
@@ -395,12 +388,11 @@ class WidthMethod(PruningMethod):
                 errors[part] = self._cut(
                     refs, part, S.keep_top(self._scores(consumer, stats.get(part)), widths[part]), stats
                 )
+        attn = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention) if c.heads else None
         if c.heads:
             q_keep, kv_keep = self._head_keep(refs, stats.get("heads"), plan.unit_keep)
             errors["heads"] = self._cut(refs, "heads", q_keep, stats, kv_keep)
-            attention = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention)
-            _keep_head_vectors(attention, q_keep[:: self.geo.head_dim] // self.geo.head_dim, self.geo.heads)
-        attn = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention) if c.heads else None
+            _keep_head_vectors(attn, q_keep[:: self.geo.head_dim] // self.geo.head_dim, self.geo.heads)
         heads = weight_out_in(refs["o"].module).shape[1] // self.geo.head_dim if "o" in refs else None
         kv = weight_out_in(refs["k"].module).shape[0] // self.geo.head_dim if "k" in refs else None
         if "qkv" in refs and heads and self.spec.heads:  # fused [q; k; v]: what is not q is k and v alike
@@ -468,7 +460,7 @@ class WidthMethod(PruningMethod):
         recorder, c = self.recorder, self.config
         final = ctx.adapter.spec.final_norm if ctx.adapter.spec else None
         recorder.record_final_norm_inputs(engine.final_hidden, final)
-        keep = kept_channels(recorder, c.criterion, plan.hidden_keep)
+        keep = S.keep_top(recorder.scores(c.criterion), plan.hidden_keep)
         factors = recorder.rescale(keep)
         report.details["hidden_size"] = {"before": self.geo.hidden, "after": plan.hidden_keep}
         report.details["hidden_norm_rescale"] = {

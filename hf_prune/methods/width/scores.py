@@ -126,6 +126,15 @@ def relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, kee
     return float((full - 2 * cross + kept) / full.clamp_min(1e-30))
 
 
+def refit_summary(errors: list[dict]) -> dict:
+    """How many refits were kept and the mean relative error of plain slicing and of what was kept."""
+    return {
+        "refit_kept": sum(e["kept"] for e in errors),
+        "plain_mean": round(sum(e["plain"] for e in errors) / len(errors), 6),
+        "refit_mean": round(sum(min(e["refit"], e["plain"]) for e in errors) / len(errors), 6),
+    }
+
+
 def refit_kept_columns(
     weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor
 ) -> tuple[torch.Tensor | None, dict]:
