@@ -1,6 +1,6 @@
-"""Width on families without a hand-written row: a family whose blocks have exactly a known layout gets its roles,
-its width layout is derived from the config and checked on a meta-device skeleton; the others are refused before any
-work with the reason."""
+"""Width on families without a hand-written row: a family whose blocks have exactly one of the known layouts (an MLP
+layout with a placement of the block's norms) gets its roles, its width layout is derived from the config and checked
+on a meta-device skeleton; what its config cannot express is refused before any work with the reason."""
 
 from __future__ import annotations
 
@@ -10,19 +10,56 @@ import transformers as T
 from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner
-from hf_prune.errors import UnsupportedModelError
+from hf_prune.errors import RecipeError, UnsupportedModelError
 
 from .conftest import TINY_WIDTHS, VOCAB
 
 COMMON = dict(vocab_size=VOCAB, max_position_embeddings=1024, num_key_value_heads=2, **TINY_WIDTHS)
-DERIVED = {"granite": "GraniteConfig", "seed_oss": "SeedOssConfig", "ernie4_5": "Ernie4_5Config", "olmo": "OlmoConfig"}
-REFUSED = {"olmo2": "Olmo2Config", "starcoder2": "Starcoder2Config", "cohere": "CohereConfig"}
+CANNOT_DESCRIBE = "config cannot describe the narrowed model"
+NOT_RMS = "is not an RMS norm"
+OVER_EVERY_HEAD = "normalizes all 64 channels of every head"
+# family -> (config class, its extra config values, the layout found, {axis: the refusal}: every other axis prunes)
+DERIVED = {
+    "granite": ("GraniteConfig", {}, "gated/pre-norm", {}),
+    "seed_oss": ("SeedOssConfig", {}, "gated/pre-norm", {}),
+    "ernie4_5": ("Ernie4_5Config", {}, "gated/pre-norm", {}),
+    "internlm3": ("InternLM3Config", {}, "gated/pre-norm", {}),
+    "smollm3": ("SmolLM3Config", {"pad_token_id": 0}, "gated/pre-norm", {}),
+    "hunyuan_v1_dense": ("HunYuanDenseV1Config", {"head_dim": 16}, "gated/pre-norm", {}),
+    "olmo": ("OlmoConfig", {}, "gated/pre-norm", {"hidden": "has no weight per stream channel"}),
+    "olmo2": ("Olmo2Config", {}, "gated/post-norm", {"heads": OVER_EVERY_HEAD}),
+    "olmo3": ("Olmo3Config", {}, "gated/post-norm", {"heads": OVER_EVERY_HEAD}),
+    "exaone4": ("Exaone4Config", {}, "gated/post-norm", {}),
+    "cohere": ("CohereConfig", {}, "gated/parallel", {"hidden": NOT_RMS}),
+    "starcoder2": ("Starcoder2Config", {}, "fc/pre-norm", {"hidden": NOT_RMS}),
+    "apertus": ("ApertusConfig", {}, "gateless/named-pre-norm", {}),
+    "arcee": ("ArceeConfig", {}, "gateless/pre-norm", {}),
+    "nemotron": ("NemotronConfig", {}, "gateless/pre-norm", {"hidden": NOT_RMS}),
+    "glm": ("GlmConfig", {"pad_token_id": 0}, "fused-gate-up/pre-norm", {}),
+    "glm4": ("Glm4Config", {"pad_token_id": 0}, "fused-gate-up/glm4-sandwich", {}),
+    "stablelm": ("StableLmConfig", {}, "gated/pre-norm", {"heads": CANNOT_DESCRIBE, "hidden": NOT_RMS}),
+    "helium": (
+        "HeliumConfig",
+        {"head_dim": 16},
+        "gated/pre-norm",
+        {"heads": CANNOT_DESCRIBE, "hidden": CANNOT_DESCRIBE},
+    ),
+    "bitnet": (  # norms inside its attention and MLP, over the heads' and the neurons' channels
+        "BitNetConfig",
+        {},
+        "gated/pre-norm",
+        {"mlp": CANNOT_DESCRIBE, "heads": OVER_EVERY_HEAD, "hidden": CANNOT_DESCRIBE},
+    ),
+}
+AMOUNT = {"mlp": 0.5, "heads": 0.5, "hidden": 0.25}
+KEY = {"mlp": "intermediate_size", "heads": "num_key_value_heads", "hidden": "hidden_size"}
 IDS = torch.randint(0, 3000, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _tiny(config_name: str):
+def _tiny(config_name: str, extra: dict | None = None, **common):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(getattr(T, config_name)(**COMMON)).eval()
+    config = getattr(T, config_name)(**(common or COMMON), **(extra or {}))
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name:
@@ -31,16 +68,24 @@ def _tiny(config_name: str):
 
 
 @pytest.mark.parametrize("family", list(DERIVED))
-@pytest.mark.parametrize("axis", ["mlp", "heads"])
-def test_a_family_with_a_known_layout_prunes_width_into_its_own_class(family, axis, tokenizer, tiny_recipe, tmp_path):
-    model = _tiny(DERIVED[family])
-    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", axis: 0.5}))
-    assert pruner.adapter.family == family and pruner.adapter.derived_from == "llama"
+@pytest.mark.parametrize("axis", ["mlp", "heads", "hidden"])
+def test_a_family_with_a_known_layout_prunes_width_into_its_own_class_or_refuses_first(
+    family, axis, tokenizer, tiny_recipe, tmp_path
+):
+    config_name, extra, layout, refused = DERIVED[family]
+    model = _tiny(config_name, extra)
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", axis: AMOUNT[axis]}))
+    assert pruner.adapter.family == family and pruner.adapter.derived_from == layout
+    if axis in refused:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(UnsupportedModelError, match=refused[axis]):
+            pruner.prune()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
     pruner.prune()
     reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
     assert type(reloaded) is type(model)
-    key = "intermediate_size" if axis == "mlp" else "num_key_value_heads"
-    assert getattr(reloaded.config, key) == getattr(model.config, key) // 2
+    assert getattr(reloaded.config, KEY[axis]) < getattr(model.config, KEY[axis])
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
         gen = dict(max_new_tokens=5, do_sample=False)
@@ -49,13 +94,34 @@ def test_a_family_with_a_known_layout_prunes_width_into_its_own_class(family, ax
         )
 
 
-@pytest.mark.parametrize("family", list(REFUSED))
-def test_other_layouts_are_refused_before_any_work(family, tokenizer, tiny_recipe):
-    model = _tiny(REFUSED[family])
+@pytest.mark.parametrize(
+    "config_name, common",
+    [
+        ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3)),
+        ("Lfm2Config", COMMON),  # convolution and attention blocks of different layouts
+    ],
+)
+def test_other_layouts_are_refused_before_any_work(config_name, common, tokenizer, tiny_recipe):
+    model = _tiny(config_name, **common)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UnsupportedModelError, match="no layout hf_prune knows"):
         HFPruner(model, tokenizer, tiny_recipe({"method": "width", "mlp": 0.5})).prune()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_where_the_norms_sit_decides_the_layout(tokenizer, tiny_recipe):
+    """OLMo 2 has Llama's linears but normalizes the attention and MLP outputs: it is not taken for a Llama, so depth
+    compensation (which folds into an unnormalized MLP output) refuses it before any work."""
+    model = _tiny("Olmo2Config")
+    step = {"method": "depth", "num_blocks": 1, "compensate": "least_squares"}
+    pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+    assert pruner.adapter.spec.norms == {
+        "attn_out": "post_attention_layernorm",
+        "mlp_out": "post_feedforward_layernorm",
+    }
+    with pytest.raises(RecipeError, match="MLP output is normalized"):
+        pruner.prune()
+    assert len(model.model.layers) == 3
 
 
 def test_a_moe_model_whose_first_block_is_dense_keeps_its_experts():

@@ -171,7 +171,8 @@ class ModelAdapter:
 
     def _has_exactly(self, spec: ArchSpec) -> bool:
         """The model has this layout and nothing more in its blocks: in every block, every linear and norm of the row
-        at its path, no other linear and no fused (3-D) expert tensor; and the row's embeddings and final norm."""
+        at its path, no other linear, no other norm of the block's own and no fused (3-D) expert tensor; and the row's
+        embeddings and final norm."""
         blocks = get_submodule(self.model, spec.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             return False
@@ -179,7 +180,8 @@ class ModelAdapter:
             linears = {n for n, m in block.named_modules() if n and is_linear(m)}
             if linears != set(spec.linears.values()):
                 return False
-            if any(get_submodule(block, p) is None for p in spec.norms.values()):
+            norms = {n for n, m in block.named_children() if "norm" in type(m).__name__.lower()}
+            if norms != set(spec.norms.values()):  # where the norms sit decides their roles
                 return False
             if any(p.dim() > 2 for p in block.parameters()):  # fused expert tensors
                 return False

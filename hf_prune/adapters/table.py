@@ -314,9 +314,41 @@ FAMILIES: dict[str, ArchSpec] = {
     "llama4_text": LLAMA4_TEXT,
 }
 
-# Layouts an unlisted family is checked against (module paths of the linears and norms, exactly): a family with the
-# same modules gets the row's roles, so every method that needs roles (width, depth compensation, targets) works.
-LAYOUT_TEMPLATES: dict[str, ArchSpec] = {"llama": LLAMA, "gemma-sandwich": GEMMA_SANDWICH}
+# Layouts an unlisted family is checked against: every MLP layout with every placement of the block's norms (module
+# paths of the linears and of the block's own norms, exactly). A family with the same modules gets the layout's roles,
+# so every method that needs roles (width, depth compensation, targets) works; the norm roles say where each norm
+# sits (depth compensation refuses a normalized MLP output, SliceGPT needs the pre-norms).
+_ATTENTION_LINEARS = {k: v for k, v in _LLAMA_LINEARS.items() if k in ("q", "k", "v", "o")}
+MLP_LAYOUTS: dict[str, dict[str, str]] = {
+    "gated": _LLAMA_LINEARS,  # Llama, Granite, Helium, OLMo 2, Cohere, EXAONE 4 ...
+    "gateless": {**_ATTENTION_LINEARS, "up": "mlp.up_proj", "down": "mlp.down_proj"},  # Nemotron, Arcee, Apertus
+    "fc": {**_ATTENTION_LINEARS, "up": "mlp.c_fc", "down": "mlp.c_proj"},  # Starcoder2
+    "fused-gate-up": {**_ATTENTION_LINEARS, "gate_up": "mlp.gate_up_proj", "down": "mlp.down_proj"},  # GLM, GLM-4
+}
+NORM_LAYOUTS: dict[str, dict[str, str]] = {
+    "pre-norm": LLAMA.norms,
+    "sandwich": GEMMA_SANDWICH.norms,
+    "post-norm": {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"},  # OLMo 2, EXAONE 4
+    "parallel": {"attn_in": "input_layernorm"},  # Cohere: one norm feeds attention and MLP side by side
+    "named-pre-norm": {"attn_in": "attention_layernorm", "mlp_in": "feedforward_layernorm"},  # Apertus
+    "glm4-sandwich": {
+        "attn_in": "input_layernorm",
+        "attn_out": "post_self_attn_layernorm",
+        "mlp_in": "post_attention_layernorm",
+        "mlp_out": "post_mlp_layernorm",
+    },
+}
+LAYOUT_TEMPLATES: dict[str, ArchSpec] = {
+    f"{mlp}/{norms}": ArchSpec(
+        blocks="model.layers",
+        linears=linears,
+        norms=placement,
+        embeddings=("model.embed_tokens",),
+        final_norm="model.norm",
+    )
+    for mlp, linears in MLP_LAYOUTS.items()
+    for norms, placement in NORM_LAYOUTS.items()
+}
 
 
 # Structured width pruning (MLP neurons, attention heads): where each family's config records its widths, and which

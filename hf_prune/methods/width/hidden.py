@@ -68,12 +68,13 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -
     if head is not None and head.weight.shape[-1] == width:
         sites.cut[f"{names[id(head)]}.weight"] = 1
     norm_modules = []
-    final = get_submodule(model, adapter.spec.final_norm) if adapter.spec and adapter.spec.final_norm else None
+    final = get_submodule(model, adapter.spec.final_norm) if adapter.spec.final_norm else None
     if final is not None:
         norm_modules.append(final)
     for i in range(adapter.num_blocks):
-        for module in adapter.blocks[i].modules():
-            if _is_stream_norm(module, width):
+        for path in adapter.spec.norms.values():  # the block's own norms (not q/k norms over the heads' channels)
+            module = get_submodule(adapter.blocks[i], path)
+            if module is not None:
                 norm_modules.append(module)
         for ref in adapter.linears(i):
             transposed = is_transposed(ref.module)
@@ -87,6 +88,11 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -
     state = None  # read from the offload's weights map only if a norm is offloaded
     for module in norm_modules:
         name = names[id(module)]
+        if not _is_stream_norm(module, width):
+            raise UnsupportedModelError(
+                f"width.hidden: {name} ({type(module).__name__}) has no weight per stream channel to narrow and "
+                "rescale; use mlp / heads, or slicegpt."
+            )
         weight = module.weight
         if weight.device.type == "meta":
             state = state if state is not None else materialized_state_dict(model)

@@ -251,13 +251,12 @@ class WidthMethod(PruningMethod):
         return shapes
 
     def _attention_vectors(self, plan: Plan) -> dict[str, tuple[int, ...]]:
-        """Vectors of the attention module (not its linears) as wide as all query or all key heads (OLMoE's q_norm /
-        k_norm over every head) or with one value per query head (gpt-oss's sinks, cut with the heads): the cut
-        narrows them with the heads, so the config must describe that too."""
-        heads, kv = self._head_counts(plan.unit_keep)
+        """Vectors of the attention module (not its linears) with one value per query head (gpt-oss's sinks, cut with
+        the heads; the config must describe that too). Norms as wide as all query or all key heads (OLMo 2's and
+        OLMoE's q_norm / k_norm over every head) are refused: removing heads changes what they divide by."""
+        heads, _ = self._head_counts(plan.unit_keep)
         geo, adapter = self.geo, self.adapter
-        old = {geo.heads * geo.head_dim: heads * geo.head_dim, geo.kv_heads * geo.head_dim: kv * geo.head_dim}
-        old.setdefault(geo.heads, heads)
+        old = {geo.heads * geo.head_dim, geo.kv_heads * geo.head_dim}
         shapes = {}
         for i in range(adapter.num_blocks):
             attention = adapter.blocks[i].get_submodule(adapter.spec.attention)
@@ -265,8 +264,15 @@ class WidthMethod(PruningMethod):
             prefix = f"{adapter.block_name(i)}.{adapter.spec.attention}."
             for name, p in attention.named_parameters():
                 owned = any(f"{adapter.spec.attention}.{name}".startswith(lin) for lin in linears)
-                if not owned and p.dim() == 1 and p.shape[0] in old:
-                    shapes[prefix + name] = (old[p.shape[0]],)
+                if owned or p.dim() != 1:
+                    continue
+                if "." not in name and p.shape[0] == geo.heads:  # the module's own value per query head
+                    shapes[prefix + name] = (heads,)
+                elif "." in name and p.shape[0] != geo.head_dim and p.shape[0] in old:  # not a per-head norm
+                    raise UnsupportedModelError(
+                        f"width.heads: {prefix + name} normalizes all {p.shape[0]} channels of every head at once, "
+                        f"so removing heads would change every kept head's output ({self.adapter.family}); use mlp."
+                    )
         return shapes
 
     def _attention_units(self, geo: Geometry) -> tuple[int, int]:
