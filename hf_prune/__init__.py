@@ -1,9 +1,7 @@
 """hf_prune: Hugging Face-native post-training pruning for LLMs and VLMs."""
 
-__version__ = "0.1.0"
-
-from .adapters import ArchSpec, ModelAdapter  # noqa: E402
-from .errors import (  # noqa: E402
+from .adapters import ArchSpec, ModelAdapter
+from .errors import (
     CalibrationDataError,
     HFPruneError,
     OutputExistsError,
@@ -11,12 +9,13 @@ from .errors import (  # noqa: E402
     RecipeError,
     UnsupportedModelError,
 )
-from .eval import PERPLEXITY_CONVENTION, perplexity  # noqa: E402
-from .pruner import HFPruner  # noqa: E402
-from .recipe import Recipe  # noqa: E402
-from .registry import available_methods, get_method, register_method  # noqa: E402
-from .report import PruningReport  # noqa: E402
-from .streaming import prune_streaming  # noqa: E402
+from .eval import PERPLEXITY_CONVENTION, perplexity
+from .pruner import HFPruner
+from .recipe import Recipe
+from .registry import available_methods, get_method, register_method
+from .report import PruningReport
+from .streaming import prune_streaming
+from .version import __version__
 
 __all__ = [
     "PERPLEXITY_CONVENTION",
@@ -31,6 +30,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "UnsupportedModelError",
+    "__version__",
     "available_methods",
     "get_method",
     "perplexity",

@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
-from . import __version__
 from .errors import HFPruneError
 from .eval.perplexity import PERPLEXITY_CONVENTION
+from .version import __version__
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

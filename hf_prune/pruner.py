@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, distributed, placement
+from . import distributed, placement
 from .adapters import ModelAdapter
 from .assets import is_packaged, resolve_packaged_model
 from .checkpoint import assert_finite_parameters, atomic_write_folder, check_model_source, check_output_dir
@@ -23,6 +23,7 @@ from .recipe import EvalConfig, Recipe
 from .registry import get_method
 from .report import PruningReport, StepReport, count_parameters
 from .utils import logger, peak_cuda_bytes, peak_rss_bytes
+from .version import __version__
 
 PRUNING_CONFIG_KEY = "pruning_config"
 

@@ -23,7 +23,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
 from .adapters import ModelAdapter
 from .checkpoint import atomic_write_folder, check_model_source, check_output_dir
 from .checkpoint_layout import to_checkpoint_layout, to_model_layout
@@ -34,6 +33,7 @@ from .recipe import Recipe
 from .registry import get_method
 from .report import PruningReport
 from .utils import logger, peak_rss_bytes
+from .version import __version__
 
 STREAMABLE = ("magnitude", "wanda", "sparsegpt")
 INDEX = "model.safetensors.index.json"

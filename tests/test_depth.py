@@ -216,7 +216,7 @@ def test_interleaved_moe_layouts_are_renumbered(family, overrides, expected, tmp
 
 
 def test_a_per_layer_structure_it_cannot_renumber_is_refused_before_any_work(monkeypatch):
-    from hf_prune.methods.depth import surgery
+    from hf_prune.surgery import blocks as surgery
 
     monkeypatch.setattr(surgery, "_LAYER_INDEX_LISTS", ())  # as if hf_prune did not know Llama 4's moe_layers
     model = make_tiny_model("llama4_text", layers=4)

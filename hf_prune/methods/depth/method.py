@@ -18,11 +18,11 @@ from ...calibration.engine import hooks, model_device
 from ...calibration.stats import CosineStats
 from ...errors import PruningCheckError, RecipeError
 from ...report import StepReport
+from ...surgery import remove_blocks, structure_mismatch
 from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
 from .compensation import RunStatistics, fit_map, fold_into_writer, squared_error
 from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowest_scoring, random_blocks
-from .surgery import remove_blocks, structure_mismatch
 
 CRITERIA = ("angular", "block_influence", "ppl_delta", "random")
 COMPENSATIONS = ("none", "least_squares")

@@ -15,11 +15,10 @@ from ...calibration.engine import hooks
 from ...calibration.experts import ExpertCall, expert_call_hooks, expert_output
 from ...errors import RecipeError
 from ...report import StepReport
+from ...surgery import remove_experts, text_config
 from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
-from ..depth.surgery import text_config
 from .scores import ExpertScores, lowest, random_scores
-from .surgery import remove_experts
 
 CRITERIA = ("reap", "frequency", "random")
 

@@ -16,7 +16,7 @@ from ...adapters import LinearRef, ModelAdapter, WidthSpec, weight_out_in
 from ...calibration.engine import BlockStep, hooks
 from ...errors import RecipeError, UnsupportedModelError
 from ...report import StepReport
-from ...surgery import updated_config
+from ...surgery import keep_inputs, keep_outputs, rebuild_plain, updated_config
 from ...utils import logger
 from ..base import PruningMethod, StepConfig
 from ..context import PruneContext
@@ -24,7 +24,6 @@ from . import experts as X
 from . import scores as S
 from .hidden import READERS, StreamCut, StreamRecorder, stream_sites
 from .layout import narrowed_skeleton, plan_mismatch, width_spec
-from .surgery import keep_inputs, keep_outputs, rebuild_plain
 
 # (producers: their output channels are the pruned ones, consumer: reads them) per part of the block
 PARTS = {

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...adapters import ModelAdapter
-from ...adapters.experts import expert_count
-from ...adapters.table import EXPERT_COUNT_KEYS
+from ..adapters import ModelAdapter
+from ..adapters.experts import expert_count
+from ..adapters.table import EXPERT_COUNT_KEYS
 
 
 def _slice_dim0(module: nn.Module, keep: list[int], old: int) -> list[str]:

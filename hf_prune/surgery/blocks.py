@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from ...adapters import ModelAdapter
-from ...surgery import parameter_shapes, skeleton
+from ..adapters import ModelAdapter
+from .rebuild import parameter_shapes, skeleton
 
 # Top-level config lists that are not per-layer even if their length happens to equal the number of blocks.
 _NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids"}

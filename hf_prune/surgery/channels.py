@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters import LinearRef, is_transposed, weight_out_in
-from ...surgery import rebuild_model, updated_config
+from ..adapters import LinearRef, is_transposed, weight_out_in
+from .rebuild import rebuild_model, updated_config
 
 
 def set_linear(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
