@@ -11,8 +11,9 @@ from hf_prune import HFPruner
 from hf_prune.errors import RecipeError
 from hf_prune.methods.depth.compensation import RunStatistics, fit_map, fold_into_writer, squared_error
 from hf_prune.methods.depth.method import removed_runs
+from hf_prune.methods.depth.writers import mlp_writer
 
-from .conftest import TINY_WIDTHS, VOCAB, make_tiny_model, tiny_config
+from .conftest import MOE_FAMILIES, TINY_WIDTHS, VOCAB, make_tiny_model, tiny_config
 
 IDS = torch.randint(0, 3000, (1, 20), generator=torch.Generator().manual_seed(3))
 
@@ -64,7 +65,46 @@ def test_compensated_depth_saves_a_plain_checkpoint(family, tokenizer, tiny_reci
     assert reloaded.config.num_hidden_layers == 2
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_folding_into_a_mixture_of_experts_is_exact(family):
+    """Every routed expert's down matrix (fused, transposed, per-expert linears), their biases and the shared
+    experts' down projections fold the map: the MoE module's output becomes exactly its old output times T."""
+    from hf_prune.adapters import ModelAdapter
+
+    model = make_tiny_model(family, layers=3)
+    adapter = ModelAdapter(model)
+    index = adapter.moe_blocks()[-1]
+    writer = mlp_writer(adapter, index)
+    assert writer.experts, "the routed experts' down matrices are part of the writer"
+    x = torch.randn(2, 7, TINY_WIDTHS["hidden_size"], generator=torch.Generator().manual_seed(0))
+
+    def output():
+        out = writer.module(x)
+        return (out[0] if isinstance(out, tuple) else out).detach()
+
+    with torch.no_grad():
+        before = output()
+        T = torch.eye(x.shape[-1]) + 0.1 * torch.randn(x.shape[-1], x.shape[-1])
+        writer.fold(T)
+        after = output()
+    assert torch.allclose(after, before @ T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "qwen2_moe"])
+def test_compensated_depth_on_a_mixture_of_experts_saves_a_plain_checkpoint(family, tokenizer, tiny_recipe, tmp_path):
+    model = make_tiny_model(family, layers=4)
+    step = {"method": "depth", "blocks": [2], "compensate": "least_squares"}
+    pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+    (entry,) = pruner.prune().steps[0].details["compensation"]
+    assert entry["writer"] == "model.layers.1.mlp"
+    assert entry["compensated"] and entry["error_compensated"] < entry["error_removed"]
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
+    assert reloaded.config.num_hidden_layers == 3
+
+
+@pytest.mark.parametrize("family", ["gemma3_text"])
 def test_families_it_cannot_fold_into_are_refused_before_any_work(family, tokenizer, tiny_recipe):
     model = make_tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import distributed
-from ...adapters import ModelAdapter, weight_out_in
+from ...adapters import ModelAdapter
 from ...calibration.engine import hooks, model_device
 from ...calibration.stats import CosineStats
 from ...errors import PruningCheckError, RecipeError
@@ -21,8 +21,9 @@ from ...report import StepReport
 from ...surgery import remove_blocks, structure_mismatch
 from ...utils import logger
 from ..base import PruneContext, PruningMethod, StepConfig
-from .compensation import RunStatistics, fit_map, fold_into_writer, squared_error
+from .compensation import RunStatistics, fit_map, squared_error
 from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowest_scoring, random_blocks
+from .writers import mlp_writer
 
 CRITERIA = ("angular", "block_influence", "ppl_delta", "random")
 COMPENSATIONS = ("none", "least_squares")
@@ -234,8 +235,8 @@ class DepthMethod(PruningMethod):
     @torch.no_grad()
     def compensate(self, ctx: PruneContext, chosen: list[int]) -> list[dict[str, Any]]:
         """One dense pass: for every removed run l..e (l > 0), the sums of the least-squares map from block l-1's
-        MLP output to what the run added; each map folded into block l-1's down projection where it lowers the
-        run's calibration error. Returns one report entry per run."""
+        MLP output to what the run added; each map folded into block l-1's down projection (of an MoE block: every
+        expert's and shared expert's) where it lowers the run's calibration error. One report entry per run."""
         runs = removed_runs(chosen)
         by_writer = {first - 1: (first, last) for first, last in runs if first > 0}
         by_end = {last: first - 1 for first, last in runs if first > 0}
@@ -246,7 +247,7 @@ class DepthMethod(PruningMethod):
         ]
         open_runs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # writer -> (M chunks, inputs)
         stats: dict[int, RunStatistics] = {}
-        writers = {w: next(r for r in ctx.adapter.linears(w) if r.role == "down") for w in by_writer}
+        writers = {w: mlp_writer(ctx.adapter, w) for w in by_writer}
         for step in ctx.engine().walk(desc="depth: least-squares maps"):
             i = step.index
             if i in by_writer:
@@ -282,12 +283,7 @@ class DepthMethod(PruningMethod):
             }
             if entry["compensated"]:
                 with ctx.block_context(ctx.adapter.blocks[writer]):
-                    w = weight_out_in(ref.module)
-                    bias = ref.module.bias
-                    new_w, new_b = fold_into_writer(w, bias.data if bias is not None else None, T)
-                    w.copy_(new_w)
-                    if bias is not None:
-                        bias.data.copy_(new_b)
+                    ref.fold(T)
             logger.info(
                 "depth: blocks %d-%d replaced by a least-squares map in %s: relative error %.4g -> %.4g (%s)",
                 first,
@@ -346,8 +342,10 @@ def _why_not_compensable(ctx: PruneContext) -> str | None:
         return "hf_prune has no layout of its blocks"
     if "mlp_out" in spec.norms:
         return "its MLP output is normalized before it joins the residual stream (sandwich norms)"
-    if ctx.adapter.moe_blocks():
-        return "its blocks have no single MLP down projection to fold the map into (mixture of experts)"
+    adapter = ctx.adapter
+    unknown = [i for i in range(adapter.num_blocks) if mlp_writer(adapter, i) is None]
+    if unknown:
+        return f"hf_prune does not know what writes the MLP output of block {unknown[0]} into the stream"
     scaled = {
         k: v
         for k, v in config.to_dict().items()
@@ -361,7 +359,7 @@ def _why_not_compensable(ctx: PruneContext) -> str | None:
 
 
 def _recorder(store: list[torch.Tensor]):
-    return lambda module, args, out: store.append(out.detach())
+    return lambda module, args, out: store.append((out[0] if isinstance(out, tuple) else out).detach())
 
 
 def removed_runs(chosen: list[int]) -> list[tuple[int, int]]:
