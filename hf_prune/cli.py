@@ -19,8 +19,8 @@ from .errors import HFPruneError
 from .utils import setup_logging
 
 RESUME_HELP = (
-    "keep a work folder beside the output (.NAME.work) with every finished block; run the same command again after "
-    "a kill to continue from the last finished block"
+    "keep a work folder beside the output (.NAME.work) with every finished block (and the model after every "
+    "finished structural step); run the same command again after a kill to continue from there"
 )
 
 

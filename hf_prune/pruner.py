@@ -108,6 +108,19 @@ def _load_known_remote_code(path: str, model_kwargs: dict) -> nn.Module | None:
 DISTILL_BY_DEFAULT = ("width", "shrink")
 
 
+RESUMABLE_STRUCTURE = ("depth", "width", "experts", "shrink")  # resumed from their last finished step
+
+
+def _resumable(method: PruningMethod) -> bool:
+    from .methods.weight_pruning import WeightPruningMethod
+
+    if getattr(method.config, "component", "language") != "language":
+        return False
+    if isinstance(method, WeightPruningMethod):
+        return True
+    return method.config.method in RESUMABLE_STRUCTURE and not getattr(method.config, "per_block", False)
+
+
 class HFPruner:
     """Prune a Hugging Face causal LM with a recipe, block by block.
 
@@ -136,6 +149,7 @@ class HFPruner:
         self._failed: str | None = None  # why the last prune() stopped half-way: saving is refused
         self._source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         self._applied: list[PruningMethod] = []
+        self._resumed_configs: dict[int, dict | None] = {}  # steps a resume skipped: what they recorded then
         self._peft_model = None  # a healing adapter kept unmerged
         self._heal: dict[str, Any] | None = None
         self._work = None  # a resumable prune's work folder, removed once the result is saved
@@ -237,6 +251,8 @@ class HFPruner:
             logger.info("Step %d/%d: %s", len(report.steps) + 1, len(methods), method.config.method)
             saved = work.finished_step(index) if work is not None else None
             if saved is not None:  # finished before the kill: its weights were restored
+                saved = dict(saved)
+                self._resumed_configs[id(method)] = saved.pop("pruning_config", None)
                 report.steps.append(StepReport.from_dict(saved))
                 self._applied.append(method)
                 continue
@@ -249,10 +265,14 @@ class HFPruner:
             step_report.details["ran_on"] = place.describe()
             report.steps.append(step_report)
             self._applied.append(method)
-            if work is not None:
-                work.commit_step(index, dataclasses.asdict(step_report))
             self.model = ctx.model  # a step may rebuild the model (slicing) or change its structure (depth)
             self.adapter = ctx.adapter = ModelAdapter(self.model)
+            if work is not None:
+                from .methods.weight_pruning import WeightPruningMethod
+
+                saved = {**dataclasses.asdict(step_report), "pruning_config": method.pruning_config()}
+                snapshot = None if isinstance(method, WeightPruningMethod) else self._save_snapshot
+                work.commit_step(index, saved, snapshot)
         report.calibration = ctx.calibration_info
         self._check_outputs_finite(ctx)
 
@@ -275,16 +295,18 @@ class HFPruner:
         from .methods.weight_pruning import WeightPruningMethod
         from .resume import WorkFolder, fingerprint, work_folder_for
 
-        refused = [
-            m.config.method
-            for m in methods
-            if not isinstance(m, WeightPruningMethod) or getattr(m.config, "component", "language") != "language"
-        ]
+        refused = [m.config.method for m in methods if not _resumable(m)]
         if refused:
             raise RecipeError(
-                f"resume: {', '.join(refused)} cannot be resumed yet (structural steps change the model's shapes; "
-                "resumable prunes cover magnitude, Wanda, SparseGPT, OWL and reconstruction on the language model). "
-                "Drop resume, or split the recipe."
+                f"resume: {', '.join(refused)} cannot be resumed yet (resumable prunes cover magnitude, Wanda, "
+                "SparseGPT, OWL and reconstruction on the language model, and depth, uniform width, expert removal "
+                "and shrink, which resume from their last finished step). Drop resume, or split the recipe."
+            )
+        structural = any(not isinstance(m, WeightPruningMethod) for m in methods)
+        if structural and getattr(self.model, "hf_device_map", None) and placement.offloaded(self.model):
+            raise RecipeError(
+                "resume: a structural step on a model offloaded by its device_map cannot be resumed yet (the "
+                "snapshot would need the same device_map); load it without offload, or use onload: true."
             )
         if distributed.active():
             raise RecipeError("resume is not available under torchrun yet; run the prune in one process.")
@@ -301,6 +323,13 @@ class HFPruner:
                 -1, "batch_size", lambda: auto_batch_size(self.model, n, windows.shape[1], device=place.device)
             )
             ctx.calibration = dataclasses.replace(ctx.calibration, batch_size=int(size))
+        snapshot = work.snapshot() if work.resumed else None
+        if snapshot is not None:  # the model as the last finished structural step left it
+            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+            self.model = ctx.model = type(self.model).from_pretrained(str(snapshot), dtype=dtype).eval()
+            self.adapter = ctx.adapter = ModelAdapter(self.model)
+            placement.apply(self.model, place)
+            logger.info("resume: the model as step %d left it, from %s.", work.state["model_step"] + 1, snapshot)
         if work.resumed:
             restored = work.restore_blocks(self.adapter.blocks, ctx.block_context)
             logger.info("resume: %d block(s) restored as the killed prune left them.", restored)
@@ -326,8 +355,17 @@ class HFPruner:
     def _eval_perplexity(self, cfg: EvalConfig) -> float:
         return perplexity(self.model, self.tokenizer, cfg.source, cfg.seqlen, cfg.max_windows, cfg.batch_size)
 
+    def _save_snapshot(self, folder: Path) -> None:
+        """The model as it is now, as a plain checkpoint (a structural step's commit in a resumable prune)."""
+        state = None
+        if placement.offloaded(self.model):  # onloaded: the weights live in the offload's map
+            from .surgery import materialized_state_dict
+
+            state = materialized_state_dict(self.model)
+        self.model.save_pretrained(str(folder), state_dict=state)
+
     def _record_pruning_config(self) -> None:
-        steps = [m.pruning_config() for m in self._applied]
+        steps = [self._resumed_configs.get(id(m)) or m.pruning_config() for m in self._applied]
         first = next((s for s in steps if s.get("sparsity") is not None), {})
         entry = {
             "method": "+".join(s["method"] for s in steps),

@@ -6,7 +6,10 @@ position, the step's report so far, what the step decided up front such as OWL's
 to a temporary name and renamed, and ``state.json`` last, so whatever a kill leaves is either the previous commit or
 the new one. A resume checks the fingerprint (recipe, calibration windows, model), loads every block as last
 committed, skips the finished steps and walks the current one from the next block with the saved inputs: the result
-is bit-identical to an uninterrupted run (tested). The folder is removed when the prune succeeds.
+is bit-identical to an uninterrupted run (tested). A structural step (depth, width, expert removal, shrink) resumes
+at step granularity: when it finishes, the model as it left it is saved in the folder (``model-s{step}/``, a plain
+checkpoint) and a resume loads that instead of the original model; a kill inside a structural step runs that step
+again from its start. The folder is removed when the prune succeeds.
 """
 
 from __future__ import annotations
@@ -120,6 +123,11 @@ class WorkFolder:
             self._write_state()
         return plans[key]
 
+    def snapshot(self) -> Path | None:
+        """The model as the last finished structural step left it (a saved checkpoint), if one did."""
+        step = self.state.get("model_step")
+        return self.path / f"model-s{step}" if step is not None else None
+
     def restore_blocks(self, blocks: nn.ModuleList, block_context) -> int:
         """Every block as last committed (the latest step that finished it); returns how many were restored."""
         restored = 0
@@ -136,7 +144,8 @@ class WorkFolder:
 
     def _latest_block_file(self, block: int) -> Path | None:
         current, start = self.state["step"], self.state["next_block"]
-        for step in range(current, -1, -1):
+        snapshot = self.state.get("model_step")
+        for step in range(current, -1 if snapshot is None else snapshot, -1):  # a snapshot holds earlier steps
             if step == current and block >= start:
                 continue
             path = self.path / f"s{step}-b{block}.safetensors"
@@ -168,12 +177,28 @@ class WorkFolder:
         for older in range(step):  # superseded versions of this block
             (self.path / f"s{older}-b{block}.safetensors").unlink(missing_ok=True)
 
-    def commit_step(self, step: int, report: dict) -> None:
+    def commit_step(self, step: int, report: dict, save_model=None) -> None:
+        """Step ``step`` finished with ``report``. A structural step (its shapes changed) passes ``save_model``,
+        which writes the model as it is now into a folder: that snapshot, then the state, then the superseded files
+        go, so a kill leaves either the previous commit or this one."""
         steps = self.state["steps"][:step] + [report]
+        if save_model is not None:
+            staging = self.path / f".model-s{step}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            save_model(staging)
+            shutil.rmtree(self.path / f"model-s{step}", ignore_errors=True)
+            os.replace(staging, self.path / f"model-s{step}")
+            self.state["model_step"] = step
         self.state.update(step=step + 1, next_block=0, steps=steps, partial=None)
         self._write_state()
         for folder in self.path.glob("inputs-b*"):
             shutil.rmtree(folder, ignore_errors=True)
+        if save_model is not None:  # every block file and older snapshot is in this snapshot now
+            for old in self.path.glob("s*-b*.safetensors"):
+                old.unlink(missing_ok=True)
+            for old in self.path.glob("model-s*"):
+                if old.name != f"model-s{step}":
+                    shutil.rmtree(old, ignore_errors=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -112,8 +112,67 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, tokenizer, tiny_recip
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_structural_steps_are_not_resumable_yet(tmp_path, tokenizer, tiny_recipe):
-    recipe = _recipe(tiny_recipe, [{"method": "depth", "num_blocks": 1}], tmp_path / "out")
+STRUCTURAL = [
+    {"method": "depth", "num_blocks": 1},
+    {"method": "width", "mlp": 0.5},
+    {"method": "sparsegpt", "sparsity": 0.5},
+]
+
+
+def _kill_width_after(monkeypatch, n: int) -> None:
+    from hf_prune.methods.width.method import WidthMethod
+
+    original, calls = WidthMethod._prune_block, {"n": 0}
+
+    def prune_block(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WidthMethod, "_prune_block", prune_block)
+
+
+@pytest.mark.parametrize("where", ["width block 2", "sparsegpt block 1", "sparsegpt block 1, onloaded"])
+def test_a_killed_prune_with_structural_steps_resumes_to_the_identical_result(
+    where, tmp_path, tokenizer, tiny_recipe, monkeypatch
+):
+    """Depth and width resume from their last finished step (the model as it left them, saved in the work folder);
+    the weight step after them from its last finished block."""
+    onload = {"onload": True, "device": "cpu"} if "onloaded" in where else {}
+
+    def recipe(out):
+        return {**_recipe(tiny_recipe, STRUCTURAL, out), **onload}
+
+    reference = HFPruner(make_tiny_model("llama", layers=4), tokenizer, recipe(tmp_path / "ref"))
+    reference.prune()
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        if where.startswith("width"):
+            _kill_width_after(m, 1)
+        else:
+            _kill_after(m, 10)
+        with pytest.raises(Killed):
+            HFPruner(make_tiny_model("llama", layers=4), tokenizer, recipe(out)).prune(resume=True)
+    work = work_folder_for(out)
+    last = "model-s0" if where.startswith("width") else "model-s1"  # the latest snapshot replaces older ones
+    assert [p.name for p in work.glob("model-s*")] == [last]
+    pruner = HFPruner(make_tiny_model("llama", layers=4), tokenizer, recipe(out))
+    report = pruner.prune(resume=True)
+    assert [s.method for s in report.steps] == ["depth", "width", "sparsegpt"]
+    saved = pruner.save_pretrained(out)
+    assert not work.exists()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    expected = AutoModelForCausalLM.from_pretrained(reference.save_pretrained(tmp_path / "ref"))
+    assert reloaded.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    assert reloaded.config.pruning_config["steps"] == expected.config.pruning_config["steps"]
+
+
+def test_per_block_widths_are_not_resumable_yet(tmp_path, tokenizer, tiny_recipe):
+    recipe = _recipe(tiny_recipe, [{"method": "width", "mlp": 0.5, "per_block": True}], tmp_path / "out")
     with pytest.raises(RecipeError, match="cannot be resumed yet"):
         HFPruner(make_tiny_model("llama"), tokenizer, recipe).prune(resume=True)
 
