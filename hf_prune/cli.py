@@ -121,13 +121,15 @@ def _finish(
             print(f"Saved pruned model to {path}")
 
 
-def _streaming(recipe, model: str, output: str | None, overwrite: bool, report_json: str | None) -> None:
+def _streaming(
+    recipe, model: str, output: str | None, overwrite: bool, report_json: str | None, resume: bool = False
+) -> None:
     from .pruner import resolve_model_path
     from .streaming import prune_streaming
 
     if not output:
         raise HFPruneError("Streaming writes the pruned checkpoint as it goes: give --output (or output.dir).")
-    report = prune_streaming(resolve_model_path(model), recipe, output, overwrite=overwrite)
+    report = prune_streaming(resolve_model_path(model), recipe, output, overwrite=overwrite, resume=resume)
     print(report.to_markdown())
     if report_json:
         report.to_json(report_json)
@@ -153,9 +155,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     recipe = Recipe.from_dict(recipe_dict)
     _check_before_loading(args.model, args.output, args.overwrite)
     if args.streaming:
-        if args.resume:
-            raise HFPruneError("--resume is not available with --streaming yet; drop one of them.")
-        return _streaming(recipe, args.model, args.output, args.overwrite, args.report_json)
+        return _streaming(recipe, args.model, args.output, args.overwrite, args.report_json, args.resume)
     pruner = HFPruner.from_pretrained(args.model, recipe=recipe, **_model_kwargs(args))
     _finish(pruner, recipe, args.output, args.overwrite, args.report_json, args.resume)
 
@@ -171,14 +171,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         recipe = Recipe.from_dict(_placement_into(recipe.to_dict(), args))
     _check_before_loading(recipe.model, args.output or recipe.output.dir, args.overwrite or recipe.output.overwrite)
     if recipe.output.streaming:
-        if args.resume:
-            raise HFPruneError("--resume is not available with streaming yet; drop one of them.")
         return _streaming(
             recipe,
             recipe.model,
             args.output or recipe.output.dir,
             args.overwrite or recipe.output.overwrite,
             args.report_json,
+            args.resume,
         )
     pruner = HFPruner.from_pretrained(recipe.model, recipe=recipe, **_model_kwargs(args))
     _finish(pruner, recipe, args.output, args.overwrite, args.report_json, args.resume)

@@ -315,14 +315,7 @@ class HFPruner:
         path = work_dir or work_folder_for(self.recipe.output.dir)
         windows = ctx.calibration_ids() if not ctx.uses_images() else None
         work = WorkFolder.open(path, fingerprint(self.recipe.to_dict(), windows, self.model, place.to_dict()))
-        if windows is not None and not ctx.calibration.batch_size:  # the killed run's chunks, not today's free memory
-            from .calibration.engine import auto_batch_size
-
-            n = ctx.rank_ids().shape[0]
-            size = work.plan(
-                -1, "batch_size", lambda: auto_batch_size(self.model, n, windows.shape[1], device=place.device)
-            )
-            ctx.calibration = dataclasses.replace(ctx.calibration, batch_size=int(size))
+        work.fixed_batch_size(ctx, self.model, place.device)
         snapshot = work.snapshot() if work.resumed else None
         if snapshot is not None:  # the model as the last finished structural step left it
             dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())

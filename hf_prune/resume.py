@@ -142,6 +142,23 @@ class WorkFolder:
             restored += 1
         return restored
 
+    def block_file(self, block: int) -> Path | None:
+        """Where block ``block`` was last committed (block-local keys, the model's layout), if it was."""
+        return self._latest_block_file(block)
+
+    def fixed_batch_size(self, ctx, model: nn.Module, device) -> None:
+        """The killed run's calibration chunks, not today's free memory: the auto batch size is decided once and
+        kept in the work folder, so the resumed walk splits the windows alike (``ctx.calibration`` updated)."""
+        import dataclasses
+
+        from .calibration.engine import auto_batch_size
+
+        if ctx.uses_images() or ctx.calibration.batch_size:
+            return
+        n, seqlen = ctx.rank_ids().shape[0], ctx.calibration_ids().shape[1]
+        size = self.plan(-1, "batch_size", lambda: auto_batch_size(model, n, seqlen, device=device))
+        ctx.calibration = dataclasses.replace(ctx.calibration, batch_size=int(size))
+
     def _latest_block_file(self, block: int) -> Path | None:
         current, start = self.state["step"], self.state["next_block"]
         snapshot = self.state.get("model_step")

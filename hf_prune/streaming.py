@@ -9,6 +9,7 @@ same tensors, to the bit, for the same recipe and seed.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters import ModelAdapter
@@ -31,7 +32,8 @@ from .methods.context import PruneContext
 from .placement import Placement, compute_dtype_for, model_dtype, resolve_device
 from .recipe import Recipe
 from .registry import get_method
-from .report import PruningReport
+from .report import PruningReport, StepReport
+from .resume import WorkFolder, fingerprint, work_folder_for
 from .utils import logger, peak_rss_bytes
 from .version import __version__
 
@@ -138,9 +140,18 @@ def _untied_head_keys(model: nn.Module) -> set[str]:
 class StreamingBlocks:
     """Loads block i from the checkpoint on entry, writes it to the output shard on exit, then frees it."""
 
-    def __init__(self, adapter: ModelAdapter, ckpt: ShardedCheckpoint, out: Path, n_shards: int, device: torch.device):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        ckpt: ShardedCheckpoint,
+        out: Path,
+        n_shards: int,
+        device: torch.device,
+        work: WorkFolder | None = None,
+    ):
         self.adapter, self.ckpt, self.out, self.n_shards = adapter, ckpt, out, n_shards
         self.device = device  # the execution device: shards are read straight onto it
+        self.work = work  # a resumed prune: blocks a killed run committed are read from its work folder
         self.written: dict[int, list[str]] = {}
         for block in adapter.blocks:
             buffers = {n for n, _ in block.named_buffers()}
@@ -157,7 +168,11 @@ class StreamingBlocks:
     def __call__(self, block: nn.Module):
         i = next(j for j, b in enumerate(self.adapter.blocks) if b is block)
         prefix = f"{self.adapter.block_name(i)}."
-        tensors = to_model_layout(self.adapter.model, self._read(i, prefix))
+        committed = self.work.block_file(i) if self.work is not None and i not in self.written else None
+        if committed is not None:  # block-local keys in the model's layout, as the killed run committed it
+            tensors = {prefix + k: v for k, v in load_file(str(committed), device=str(self.device)).items()}
+        else:
+            tensors = to_model_layout(self.adapter.model, self._read(i, prefix))
         dtypes = {k: v.dtype for k, v in block.state_dict().items()}
         local = {k[len(prefix) :]: v for k, v in tensors.items()}
         local = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in local.items()}  # the skeleton's dtype
@@ -202,6 +217,7 @@ def prune_streaming(
     overwrite: bool = False,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
+    resume: bool = False,
 ) -> PruningReport:
     """Prune a safetensors checkpoint block by block without loading the model, writing the result to
     ``output_dir`` (a normal sharded HF checkpoint with ``pruning_config``).
@@ -213,6 +229,8 @@ def prune_streaming(
         overwrite: replace a non-empty output folder.
         tokenizer: default the checkpoint's own.
         device: where each block is pruned (default the recipe's ``device``: ``auto``, the accelerator if any).
+        resume: keep a work folder beside the output (``.NAME.work``) with every finished block; called again
+            after a kill with the same arguments, continue from the last finished block (see ``hf_prune.resume``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -260,14 +278,32 @@ def prune_streaming(
     report = PruningReport(
         model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks, placement=place.to_dict()
     )
+    work = None
+    if resume:
+        windows = ctx.calibration_ids()
+        work = WorkFolder.open(
+            work_folder_for(output_dir), fingerprint(recipe.to_dict(), windows, model, place.to_dict())
+        )
+        work.fixed_batch_size(ctx, model, execution)
+    step_configs: list[dict] = []
 
     def write(tmp: Path) -> None:
-        blocks = StreamingBlocks(adapter, ckpt, tmp, n_shards, execution)
+        blocks = StreamingBlocks(adapter, ckpt, tmp, n_shards, execution, work)
         ctx.block_context = blocks
-        for method in methods:
+        for index, method in enumerate(methods):
+            saved = work.finished_step(index) if work is not None else None
+            if saved is not None:  # finished before the kill: its blocks are read from the work folder
+                saved = dict(saved)
+                step_configs.append(saved.pop("pruning_config"))
+                report.steps.append(StepReport.from_dict(saved))
+                continue
+            ctx.work = (work, index) if work is not None else None
             step_report = method.run(ctx)
             step_report.details["ran_on"] = place.describe()
             report.steps.append(step_report)
+            step_configs.append(method.pruning_config())
+            if work is not None:
+                work.commit_step(index, {**dataclasses.asdict(step_report), "pruning_config": step_configs[-1]})
         for i in range(adapter.num_blocks):  # blocks no step touched are copied as they are
             if i not in blocks.written:
                 with blocks(adapter.blocks[i]):
@@ -293,7 +329,7 @@ def prune_streaming(
         weight_map.update(head_files)
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        steps = [m.pruning_config() for m in methods]
+        steps = step_configs
         config.pruning_config = {
             "method": "+".join(s["method"] for s in steps),
             "sparsity": steps[0].get("sparsity"),
@@ -319,5 +355,7 @@ def prune_streaming(
         report.to_json(str(tmp / "pruning_report.json"))
 
     out = atomic_write_folder(output_dir, write, overwrite)
+    if work is not None:  # the work is in the saved checkpoint now
+        work.remove()
     logger.info("Streaming: wrote %s (peak RSS %.0f MiB)", out, report.peak_rss_bytes / 2**20)
     return report

@@ -3,6 +3,8 @@ resume with other settings is refused; the folder goes once the model is saved."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -192,7 +194,8 @@ def test_cli_resume(tmp_path, tokenizer, monkeypatch, capsys):
     assert work_folder_for(tmp_path / "out").exists()
     assert main(argv) == 0
     assert (tmp_path / "out" / "config.json").exists() and not work_folder_for(tmp_path / "out").exists()
-    assert main(argv[:-1] + ["--streaming", "--resume", "--overwrite"]) == 2
+    assert main(argv[:-1] + ["--streaming", "--resume", "--overwrite"]) == 0  # streaming resumes too
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
 def test_resume_onloaded(tmp_path, tokenizer, tiny_recipe, monkeypatch):
@@ -244,3 +247,42 @@ def test_a_folder_that_is_not_a_work_folder_is_never_adopted(tmp_path, tokenizer
     with pytest.raises(RecipeError, match="holds no hf_prune work state"):
         HFPruner(make_tiny_model("llama"), tokenizer, recipe).prune(resume=True, work_dir=mine)
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("kill_at", [3, 10, 22])  # in block 0 and 1 of step 1; in step 2 (magnitude: block 1)
+def test_a_killed_streaming_prune_resumes_to_the_identical_checkpoint(kill_at, tmp_path, tokenizer, tiny_recipe):
+    """Streaming reads blocks a killed run committed from the work folder, the rest from the source checkpoint, and
+    writes the checkpoint an uninterrupted streaming run writes, byte for byte in every tensor."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from hf_prune import prune_streaming
+
+    src = tmp_path / "src"
+    make_tiny_model("llama").save_pretrained(src, max_shard_size="1MB")
+    tokenizer.save_pretrained(src)
+    steps = [{"method": "sparsegpt", "sparsity": 0.5}, {"method": "magnitude", "sparsity": 0.6, "targets": ["k"]}]
+    prune_streaming(src, _recipe(tiny_recipe, steps, tmp_path / "ref"), tmp_path / "ref")
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as m:
+        _kill_after(m, kill_at)
+        with pytest.raises(Killed):
+            prune_streaming(src, _recipe(tiny_recipe, steps, out), out, resume=True)
+    assert (work_folder_for(out) / "state.json").exists() and not out.exists()
+    with pytest.MonkeyPatch.context() as m:
+        solved, original = [], WeightPruningMethod._prune_ref
+        m.setattr(WeightPruningMethod, "_prune_ref", lambda self, *a, **k: solved.append(1) or original(self, *a, **k))
+        report = prune_streaming(src, _recipe(tiny_recipe, steps, out), out, resume=True)
+    done = min(kill_at, 21) // 7 * 7 + max(0, kill_at - 21)  # committed blocks' targets (7, then 1 per block)
+    assert len(solved) == 21 + 3 - done
+    assert [s.method for s in report.steps] == ["sparsegpt", "magnitude"]
+    assert not work_folder_for(out).exists()
+
+    def tensors(folder):
+        return {k: v for f in glob.glob(str(folder / "*.safetensors")) for k, v in load_file(f).items()}
+
+    ref, got = tensors(tmp_path / "ref"), tensors(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    ref_config = json.loads((tmp_path / "ref" / "config.json").read_text())["pruning_config"]
+    assert json.loads((out / "config.json").read_text())["pruning_config"]["steps"] == ref_config["steps"]
