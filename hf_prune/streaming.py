@@ -2,9 +2,9 @@
 from the safetensors shards when the engine reaches it, pruned, written to the output checkpoint, and dropped.
 
 Peak memory is one block's weights + its statistics + one block's calibration activations (optionally stored in
-bf16/fp16, or on disk), plus the input embeddings while the calibration inputs are captured; the output head is
-copied tensor by tensor and never held with a block. The output is the checkpoint the in-memory path writes: the
-same tensors, to the bit, for the same recipe and seed.
+bf16/fp16, or on disk); the input embeddings are read only while the calibration inputs are captured, and they and
+the output head are copied tensor by tensor at the end, never held with a block. The output is the checkpoint the
+in-memory path writes: the same tensors, to the bit, for the same recipe and seed.
 """
 
 from __future__ import annotations
@@ -137,6 +137,39 @@ def _untied_head_keys(model: nn.Module) -> set[str]:
     return {names[id(p)] for p in head.parameters() if id(p) in names}
 
 
+class StreamedEmbeddings:
+    """The input embeddings (and a head tied to them) in memory only while the calibration inputs are captured: read
+    from the checkpoint on entry, back on the meta device on exit (an 8B model's are 1 GiB of the peak otherwise)."""
+
+    def __init__(self, model: nn.Module, ckpt: ShardedCheckpoint):
+        self.model, self.ckpt = model, ckpt
+        emb = model.get_input_embeddings()
+        self.key = next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+        head = model.get_output_embeddings()
+        self.tied = head is not None and head.weight is emb.weight
+
+    @contextmanager
+    def __call__(self):
+        weight = self.model.get_input_embeddings().weight
+        if weight.device.type == "meta":
+            self._assign(nn.Parameter(self.ckpt.load([self.key])[self.key].to(weight.dtype), requires_grad=False))
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        weight = self.model.get_input_embeddings().weight
+        self._assign(nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False))
+        gc.collect()
+        release_freed_memory()
+
+    def _assign(self, param: nn.Parameter) -> None:
+        self.model.get_input_embeddings().weight = param
+        if self.tied:
+            self.model.get_output_embeddings().weight = param
+
+
 class StreamingBlocks:
     """Loads block i from the checkpoint on entry, writes it to the output shard on exit, then frees it."""
 
@@ -267,14 +300,16 @@ def prune_streaming(
     place = Placement(
         execution, "streaming", storage, compute_dtype_for(execution, storage), "blocks read from the shards"
     )
-    ctx = PruneContext(model, tokenizer, adapter, recipe.calibration, placement=place)
+    embeddings = StreamedEmbeddings(model, ckpt)
+    ctx = PruneContext(model, tokenizer, adapter, recipe.calibration, placement=place, capture_context=embeddings)
     for method in methods:
         method.preflight(ctx)
     place.log()
     head_keys = sorted(_untied_head_keys(model))
     if any(k not in ckpt.weight_map for k in head_keys):
         raise HFPruneError(f"Streaming could not find the output head {head_keys} in the checkpoint {folder}.")
-    n_shards = adapter.num_blocks + 1 + len(head_keys)  # blocks, the rest, then each head tensor on its own
+    copied_keys = [embeddings.key, *head_keys]  # copied from the source one tensor at a time at the end
+    n_shards = adapter.num_blocks + 1 + len(copied_keys)  # blocks, the rest, then each copied tensor on its own
     report = PruningReport(
         model=str(folder), family=adapter.family, num_blocks=adapter.num_blocks, placement=place.to_dict()
     )
@@ -285,6 +320,7 @@ def prune_streaming(
             work_folder_for(output_dir), fingerprint(recipe.to_dict(), windows, model, place.to_dict())
         )
         work.fixed_batch_size(ctx, model, execution)
+    embeddings.release()  # read again for each capture
     step_configs: list[dict] = []
 
     def write(tmp: Path) -> None:
@@ -312,21 +348,21 @@ def prune_streaming(
         rest = {
             k: v.detach().contiguous()
             for k, v in model.state_dict().items()
-            if not k.startswith(prefix) and v.device.type != "meta"
+            if not k.startswith(prefix) and v.device.type != "meta" and k not in copied_keys
         }
         if getattr(config, "tie_word_embeddings", False):
             rest.pop("lm_head.weight", None)
         rest = {k: v for k, v in rest.items() if k in ckpt.weight_map}
         rest_file = f"model-{adapter.num_blocks + 1:05d}-of-{n_shards:05d}.safetensors"
         save_file(rest, str(tmp / rest_file), metadata={"format": "pt"})
-        head_files = {}
-        for j, key in enumerate(head_keys):  # one tensor in memory at a time
-            head_files[key] = f"model-{adapter.num_blocks + 2 + j:05d}-of-{n_shards:05d}.safetensors"
-            save_file(ckpt.load([key]), str(tmp / head_files[key]), metadata={"format": "pt"})
+        copied_files = {}
+        for j, key in enumerate(copied_keys):  # one tensor in memory at a time
+            copied_files[key] = f"model-{adapter.num_blocks + 2 + j:05d}-of-{n_shards:05d}.safetensors"
+            save_file(ckpt.load([key]), str(tmp / copied_files[key]), metadata={"format": "pt"})
             release_freed_memory()
         weight_map = {k: blocks.shard_name(i) for i, keys in blocks.written.items() for k in keys}
         weight_map.update({k: rest_file for k in rest})
-        weight_map.update(head_files)
+        weight_map.update(copied_files)
         total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         steps = step_configs

@@ -157,3 +157,28 @@ def test_a_multi_step_recipe_streams_like_in_memory(sharded, tmp_path, tiny_reci
     assert float((stream["model.layers.0.self_attn.q_proj.weight"] == 0).float().mean()) == 0.5
     assert float((stream["model.layers.0.self_attn.k_proj.weight"] == 0).float().mean()) == 0.5
     assert set(memory) == set(stream) and all(torch.equal(memory[k], stream[k]) for k in memory)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma: the head tied to the embeddings
+def test_the_embeddings_are_in_memory_only_while_the_inputs_are_captured(family, sharded, tmp_path, tiny_recipe):
+    """No block is pruned or written while the input embeddings (or a head tied to them) hold memory; they are
+    copied into the output from the source, unchanged."""
+    from hf_prune.streaming import StreamingBlocks
+
+    src = sharded(family)
+    seen = []
+    original = StreamingBlocks.write
+
+    def write(self, i, block):
+        model = self.adapter.model
+        seen.append({model.get_input_embeddings().weight.device.type, model.lm_head.weight.device.type})
+        return original(self, i, block)
+
+    recipe = tiny_recipe({"method": "wanda", "sparsity": 0.5})
+    recipe["steps"].append({"method": "magnitude", "sparsity": 0.6, "targets": ["k"]})  # a second capture
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(StreamingBlocks, "write", write)
+        prune_streaming(src, recipe, tmp_path / "out")
+    assert len(seen) == 6 and all(s == {"meta"} for s in seen)
+    source, out = _tensors(src), _tensors(tmp_path / "out")
+    assert torch.equal(out["model.embed_tokens.weight"], source["model.embed_tokens.weight"])

@@ -137,6 +137,7 @@ class BlockwiseEngine:
         activation_dtype: torch.dtype | None = None,
         activation_dir: str | None = None,
         placement=None,
+        capture_context: Callable = nullcontext,
     ):
         self.model = model
         self.adapter = adapter
@@ -145,6 +146,7 @@ class BlockwiseEngine:
         self.activation_dtype = activation_dtype  # storage dtype of activations between blocks (None: as computed)
         self.activation_dir = activation_dir  # keep activations between blocks on disk, one file per chunk
         self.placement = placement  # hf_prune.placement.Placement: execution device, compute dtype (None: as is)
+        self.capture_context = capture_context  # what the capture needs outside the blocks (streaming: embeddings)
         self.compute_dtype: torch.dtype | None = None
         # resuming: the walk starts at block ``start`` with ``resume_inputs``; ``after_block(i, block, outputs)`` is
         # called after each block (weights still materialized) so a work folder can commit it
@@ -201,16 +203,17 @@ class BlockwiseEngine:
 
             return recorder
 
-        device = model_device(self.model)
         try:
             for i, block in enumerate(blocks):
                 block.forward = make_recorder(i)
-            for batch in self.batches:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                try:
-                    self.model(**batch, use_cache=False)
-                except _StopForward:
-                    pass
+            with self.capture_context():
+                device = model_device(self.model)
+                for batch in self.batches:
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    try:
+                        self.model(**batch, use_cache=False)
+                    except _StopForward:
+                        pass
         finally:
             for block, original in zip(blocks, saved):
                 if original is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ class PruneContext:
     processor: Any = None
     block_context: Any = onloaded  # how a block is materialized while worked on (offload hooks, streaming)
     placement: Any = None  # hf_prune.placement.Placement: where blocks run and in which dtype
+    capture_context: Any = nullcontext  # what the calibration capture needs outside the blocks (streaming: embeddings)
     work: Any = None  # (hf_prune.resume.WorkFolder, step index) of a resumable prune, or None
     _windows: torch.Tensor | None = None
     _image_batches: list[dict] | None = None
@@ -72,6 +74,7 @@ class PruneContext:
         options = self.calibration.engine_options()
         options["block_context"] = self.block_context
         options["placement"] = self.placement
+        options["capture_context"] = self.capture_context
         if self.uses_images():
             batches = self.image_batches()
             return BlockwiseEngine(self.model, self.adapter, batches[distributed.shard(len(batches))], **options)
