@@ -44,6 +44,7 @@ SHAPES = {  # the real configs' block shapes
 STEPS = {
     "wanda": [{"method": "wanda", "sparsity": 0.5}],
     "sparsegpt-2of4": [{"method": "sparsegpt", "structure": "2:4"}],
+    "width-mlp20": [{"method": "width", "mlp": 0.2}],
 }
 
 
@@ -122,7 +123,7 @@ def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str) -> 
     report = prune_streaming(model, recipe, out)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    blocks = report.steps[0].details.get("block_seconds", [])
+    blocks = report.steps[0].details.get("block_seconds", [])  # weight steps; width: the total over the blocks
     shutil.rmtree(out.parent, ignore_errors=True)
     return {
         "model": str(model),
@@ -133,7 +134,7 @@ def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str) -> 
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_fraction": round(peak_rss_bytes() / size, 4),
         "total_s": round(seconds, 1),
-        "seconds_per_block": round(sum(blocks) / max(len(blocks), 1), 2),
+        "seconds_per_block": round((sum(blocks) if blocks else seconds) / (len(blocks) or report.num_blocks), 2),
         "block_seconds": blocks,
     }
 

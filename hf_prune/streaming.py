@@ -37,7 +37,7 @@ from .resume import WorkFolder, fingerprint, work_folder_for
 from .utils import logger, peak_rss_bytes
 from .version import __version__
 
-STREAMABLE = ("magnitude", "wanda", "sparsegpt")
+STREAMABLE = ("magnitude", "wanda", "sparsegpt", "width")
 INDEX = "model.safetensors.index.json"
 
 
@@ -242,6 +242,47 @@ class StreamingBlocks:
         self.written[i] = list(state)
 
 
+def _check_streamable_width(recipe: Recipe, resume: bool) -> None:
+    """Width streams block by block (each block narrowed where it is pruned, the config updated at the end) for MLP
+    neurons and heads with least-squares or no compensation; what needs the whole model at once is refused."""
+    for step in recipe.steps:
+        if step.method != "width":
+            continue
+        for key, why in (
+            ("hidden", "hidden channels are cut in the embeddings, the head and every block at once"),
+            ("per_block", "per-block widths are saved with a modeling file"),
+        ):
+            if getattr(step, key):
+                raise RecipeError(f"Streaming: width.{key} is not available ({why}); prune in memory or offloaded.")
+        if step.compensate == "bias":
+            raise RecipeError(
+                "Streaming: width.compensate: bias turns on a bias in every sibling projection of every block; use "
+                "least_squares (the default) or none."
+            )
+        if resume:
+            raise RecipeError("Streaming: --resume with a width step is not available yet; drop one of them.")
+
+
+def _restructured(model: nn.Module, ckpt: ShardedCheckpoint):
+    """What a structural step calls with the config updates it made (narrower MLPs, fewer heads): the skeleton of the
+    model they describe, with the tensors outside the blocks as before; the narrowed blocks are in the output
+    shards already."""
+
+    def rebuild(updates: dict[str, Any]) -> nn.Module:
+        from accelerate import init_empty_weights
+
+        from .surgery import updated_config
+
+        config = updated_config(model.config, updates)
+        with init_empty_weights(include_buffers=False):
+            narrowed = type(model)(config)
+        narrowed.eval()
+        _materialize_outside_blocks(narrowed, ModelAdapter(narrowed), ckpt)
+        return narrowed
+
+    return rebuild
+
+
 def prune_streaming(
     model_path: str | os.PathLike,
     recipe: Recipe | dict | str,
@@ -278,7 +319,10 @@ def prune_streaming(
     recipe = Recipe.load(recipe)
     bad = [s.method for s in recipe.steps if s.method not in STREAMABLE]
     if bad or not recipe.steps:
-        raise RecipeError(f"Streaming runs weight pruning ({', '.join(STREAMABLE)}); not {bad or 'an empty recipe'}.")
+        raise RecipeError(
+            f"Streaming runs weight pruning and width ({', '.join(STREAMABLE)}); not {bad or 'an empty recipe'}."
+        )
+    _check_streamable_width(recipe, resume)
     folder = Path(model_path)
     if not folder.is_dir():
         raise HFPruneError(f"Streaming needs a local checkpoint folder; {model_path} is not one.")
@@ -324,9 +368,11 @@ def prune_streaming(
     step_configs: list[dict] = []
 
     def write(tmp: Path) -> None:
+        nonlocal model, adapter, config
         blocks = StreamingBlocks(adapter, ckpt, tmp, n_shards, execution, work)
         ctx.block_context = blocks
         for index, method in enumerate(methods):
+            ctx.restructure = _restructured(ctx.model, ckpt)
             saved = work.finished_step(index) if work is not None else None
             if saved is not None:  # finished before the kill: its blocks are read from the work folder
                 saved = dict(saved)
@@ -338,6 +384,11 @@ def prune_streaming(
             step_report.details["ran_on"] = place.describe()
             report.steps.append(step_report)
             step_configs.append(method.pruning_config())
+            if ctx.model is not model:  # a structural step: later steps read its blocks into the new skeleton
+                model, config = ctx.model, ctx.model.config
+                adapter = ctx.adapter = blocks.adapter = ModelAdapter(model)
+                embeddings.model = model
+                embeddings.release()
             if work is not None:
                 work.commit_step(index, {**dataclasses.asdict(step_report), "pruning_config": step_configs[-1]})
         for i in range(adapter.num_blocks):  # blocks no step touched are copied as they are

@@ -182,3 +182,43 @@ def test_the_embeddings_are_in_memory_only_while_the_inputs_are_captured(family,
     assert len(seen) == 6 and all(s == {"meta"} for s in seen)
     source, out = _tensors(src), _tensors(tmp_path / "out")
     assert torch.equal(out["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [{"method": "width", "mlp": 0.5, "heads": 0.5}],
+        [{"method": "width", "mlp": 0.25, "compensate": "none"}, {"method": "wanda", "sparsity": 0.5}],
+    ],
+    ids=["mlp+heads", "width-then-wanda"],
+)
+def test_width_streams_block_by_block_like_in_memory(steps, sharded, tmp_path, tiny_recipe):
+    """Each block is narrowed where it is pruned and written narrowed; the config is updated at the end and later
+    steps read the narrowed blocks: the same checkpoint as in memory, a plain reload."""
+    from transformers import AutoModelForCausalLM
+
+    src = sharded("llama")
+    recipe = tiny_recipe(steps[0])
+    recipe["steps"] = steps
+    pruner = HFPruner.from_pretrained(str(src), recipe=recipe)
+    pruner.prune()
+    pruner.save_pretrained(tmp_path / "memory")
+    prune_streaming(src, recipe, tmp_path / "stream")
+    memory, stream = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert set(memory) == set(stream) and all(torch.equal(memory[k], stream[k]) for k in memory)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    assert reloaded.config.intermediate_size < make_tiny_model("llama").config.intermediate_size
+    ids = torch.randint(0, 3000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, pruner.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_width_steps_streaming_cannot_run_are_refused_before_any_work(sharded, tmp_path, tiny_recipe):
+    src = sharded("llama")
+    for step, message in (
+        ({"method": "width", "hidden": 0.25}, "width.hidden is not available"),
+        ({"method": "width", "mlp": 0.5, "compensate": "bias"}, "compensate: bias"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            prune_streaming(src, tiny_recipe(step), tmp_path / "x")
+        assert not (tmp_path / "x").exists()

@@ -32,6 +32,7 @@ class PruneContext:
     block_context: Any = onloaded  # how a block is materialized while worked on (offload hooks, streaming)
     placement: Any = None  # hf_prune.placement.Placement: where blocks run and in which dtype
     capture_context: Any = nullcontext  # what the calibration capture needs outside the blocks (streaming: embeddings)
+    restructure: Any = None  # streaming: config updates -> the skeleton of the model a structural step leaves
     work: Any = None  # (hf_prune.resume.WorkFolder, step index) of a resumable prune, or None
     _windows: torch.Tensor | None = None
     _image_batches: list[dict] | None = None

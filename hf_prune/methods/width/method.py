@@ -327,6 +327,7 @@ class WidthMethod(PruningMethod):
             for step in engine.walk(desc="width"):
                 plan = plans[step.index] if plans else uniform
                 details[step.index] = self._prune_block(ctx, step.index, plan, step)
+            report.details["block_seconds"] = [round(t, 3) for t in engine.block_seconds]
             if self.recorder is not None:
                 stream_cut = self._stream_cut(ctx, engine, uniform, report)
         else:
@@ -334,7 +335,10 @@ class WidthMethod(PruningMethod):
                 plan = plans[i] if plans else uniform
                 with ctx.block_context(block):
                     details[i] = self._prune_block(ctx, i, plan, None)
-        ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform, stream_cut)
+        if ctx.restructure is not None:  # streaming: the narrowed blocks are written; the skeleton follows
+            ctx.model = ctx.restructure(self.plain_updates(uniform))
+        else:
+            ctx.model = self.finalize(ctx.model, ctx.adapter, plans, uniform, stream_cut)
         if stream_cut is not None and stream_cut.errors:
             errors = list(stream_cut.errors.values())
             report.details["hidden_compensation_error"] = {"readers": len(errors), **S.refit_summary(errors)}
