@@ -1,6 +1,6 @@
-"""The dense structured frontier of SmolLM2-135M: perplexity against the fraction of parameters removed, for depth at
-every block count (with and without least-squares compensation) and width on a fine grid (MLP neurons; hidden
-channels + MLP), from the result files the benchmarks wrote (no pruning here):
+"""The dense structured frontier of SmolLM2-135M and Gemma-3-270m: perplexity against the fraction of parameters
+removed, for depth at every block count (with and without least-squares compensation) and width on a fine grid (MLP
+neurons; hidden channels + MLP), from the result files the benchmarks wrote (no pruning here):
 
     python benchmarks/depth_compensation.py --blocks 1 2 3 5 7 9 11 12 \\
         --out benchmarks/results/depth_every_count_smollm2.json
@@ -8,6 +8,13 @@ channels + MLP), from the result files the benchmarks wrote (no pruning here):
         --criterion fluctuation --runs 0 --heal-levels --no-grid --levels 0.15 0.2 0.25 0.3 0.35 \\
         --kinds BEST/hidden+mlp BEST/mlp
     python benchmarks/dense_frontier.py --plot benchmarks/results/dense_frontier_smollm2.png
+
+    python benchmarks/width_frontier.py --model packaged:gemma3-270m \\
+        --out benchmarks/results/structured_frontier_gemma3.json --criterion fluctuation --runs 0 \\
+        --heal-levels --no-grid --levels 0.05 0.1 0.15 0.2 0.25 0.3 --kinds BEST/mlp BEST/hidden+mlp
+    python benchmarks/depth_compensation.py --model packaged:gemma3-270m --blocks 2 4 6 8 \\
+        --out benchmarks/results/depth_every_count_gemma3.json
+    python benchmarks/dense_frontier.py --model gemma3 --plot benchmarks/results/dense_frontier_gemma3.png
 
 Every file is in the README's setting (calibration 32 x 512 tokens of fortunes, seed 0; perplexity on the first 32
 Wikipedia windows of 512 tokens; fp32; no healing). Prints a markdown table; asserts nothing.
@@ -21,15 +28,32 @@ import os
 import sys
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# model tag -> (title, depth result files, width result files; the first width file holds the dense row)
+MODELS = {
+    "smollm2": (
+        "SmolLM2-135M",
+        ("depth_compensation.json", "depth_every_count_smollm2.json"),
+        ("width_frontier_smollm2.json", "structured_frontier_smollm2.json"),
+    ),
+    "gemma3": ("Gemma-3-270m", ("depth_every_count_gemma3.json",), ("structured_frontier_gemma3.json",)),
+}
+WIDTH_LINES = (
+    "width activation/least_squares/mlp",
+    "width fluctuation/least_squares/mlp",
+    "width fluctuation/least_squares/hidden+mlp",
+)
 
 
-def _depth_rows() -> list[dict]:
-    rows = []
-    for name in ("depth_compensation.json", "depth_every_count_smollm2.json"):
-        path = os.path.join(RESULTS, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                rows += json.load(f)
+def _load(name: str):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _depth_rows(files) -> list[dict]:
+    rows = [r for name in files for r in (_load(name) or [])]
     seen, out = set(), []
     for r in rows:
         key = (r["blocks"], r["compensate"])
@@ -42,39 +66,31 @@ def _depth_rows() -> list[dict]:
     return out
 
 
-def _dense() -> dict:
-    with open(os.path.join(RESULTS, "width_frontier_smollm2.json")) as f:
-        return json.load(f)["results"]["dense"]
+def _dense(files) -> dict:
+    return _load(files[0])["results"]["dense"]
 
 
-def _width_rows() -> list[dict]:
+def _width_rows(files) -> list[dict]:
     out = []
-    for name in ("width_frontier_smollm2.json", "structured_frontier_smollm2.json"):
-        path = os.path.join(RESULTS, name)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            results = json.load(f)["results"]
+    for name in files:
+        results = (_load(name) or {}).get("results", {})
         for config, r in results.items():
             if not config.startswith("width") or "/heads" in config:
                 continue
             method = config.rsplit(" ", 1)[0]
-            if method not in (
-                "width activation/least_squares/mlp",
-                "width fluctuation/least_squares/mlp",
-                "width fluctuation/least_squares/hidden+mlp",
-            ):
-                continue
-            out.append({"line": method, "config": config, "params": r["params"], "ppl": r["ppl"]})
+            if method in WIDTH_LINES:
+                out.append({"line": method, "config": config, "params": r["params"], "ppl": r["ppl"]})
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     parser.add_argument("--plot")
     args = parser.parse_args()
-    rows = sorted(_depth_rows() + _width_rows(), key=lambda r: -r["params"])
-    dense = _dense()["params"]
+    title, depth_files, width_files = MODELS[args.model]
+    rows = sorted(_depth_rows(depth_files) + _width_rows(width_files), key=lambda r: -r["params"])
+    dense = _dense(width_files)["params"]
     print("| config | params | removed | ppl |")
     print("|---|---|---|---|")
     for r in rows:
@@ -84,10 +100,9 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(__file__))
         from width_frontier import plot
 
-        results = {"dense": _dense()}
+        results = {"dense": _dense(width_files)}
         results.update({f"{r['line']} {i}": r for i, r in enumerate(rows)})
-        title = "SmolLM2-135M: depth at every block count vs width (no healing)"
-        plot(results, args.plot, title, by_params=True)
+        plot(results, args.plot, f"{title}: depth at every block count vs width (no healing)", by_params=True)
         print(f"\nplot: {args.plot}")
 
 

@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     from hf_prune import HFPruner
+    from hf_prune.errors import HFPruneError
 
     rows = []
     for n in args.blocks:
@@ -33,7 +34,11 @@ def main() -> None:
                 "steps": [{"method": "depth", "criterion": args.criterion, "num_blocks": n, "compensate": compensate}],
             }
             pruner = HFPruner.from_pretrained(args.model, recipe=recipe)
-            report = pruner.prune()
+            try:
+                report = pruner.prune()
+            except HFPruneError as exc:  # a family the map cannot be folded into (Gemma's sandwich norms)
+                print(f"{n} blocks, {compensate}: refused: {exc}", flush=True)
+                continue
             details = report.steps[0].details
             rows.append(
                 {
@@ -53,7 +58,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for n in args.blocks:
         plain = next(r for r in rows if r["blocks"] == n and r["compensate"] == "none")
-        ls = next(r for r in rows if r["blocks"] == n and r["compensate"] == "least_squares")
+        ls = next((r for r in rows if r["blocks"] == n and r["compensate"] == "least_squares"), None)
+        if ls is None:
+            print(f"| {n} | {plain['removed']} | {plain['ppl']:.2f} | refused | - | - |")
+            continue
         fits = ", ".join(
             f"{f['error_removed']:.4f} -> {f.get('error_compensated', float('nan')):.4f}" for f in ls["fit"]
         )

@@ -111,6 +111,20 @@ DISTILL_BY_DEFAULT = ("width", "shrink")
 RESUMABLE_STRUCTURE = ("depth", "width", "experts", "shrink")  # resumed from their last finished step
 
 
+def _check_snapshot_room(folder: Path, model_bytes: int) -> None:
+    """A resumable prune with a structural step before the last saves the model once in its work folder."""
+    import shutil
+
+    probe = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < 1.05 * model_bytes:
+        raise RecipeError(
+            f"resume: a structural step saves the model ({model_bytes / 2**30:.1f} GiB) in {folder} so a kill can "
+            f"resume after it, but only {free / 2**30:.1f} GiB are free there; free some space, or pass another "
+            "work_dir, or drop resume."
+        )
+
+
 def _resumable(method: PruningMethod) -> bool:
     from .methods.weight_pruning import WeightPruningMethod
 
@@ -270,9 +284,10 @@ class HFPruner:
             if work is not None:
                 from .methods.weight_pruning import WeightPruningMethod
 
+                structural = not isinstance(method, WeightPruningMethod)
                 saved = {**dataclasses.asdict(step_report), "pruning_config": method.pruning_config()}
-                snapshot = None if isinstance(method, WeightPruningMethod) else self._save_snapshot
-                work.commit_step(index, saved, snapshot)
+                if not (structural and index == len(methods) - 1):  # a last structural step is redone, not saved
+                    work.commit_step(index, saved, self._save_snapshot if structural else None)
         report.calibration = ctx.calibration_info
         self._check_outputs_finite(ctx)
 
@@ -302,26 +317,28 @@ class HFPruner:
                 "SparseGPT, OWL and reconstruction on the language model, and depth, uniform width, expert removal "
                 "and shrink, which resume from their last finished step). Drop resume, or split the recipe."
             )
-        structural = any(not isinstance(m, WeightPruningMethod) for m in methods)
-        if structural and getattr(self.model, "hf_device_map", None) and placement.offloaded(self.model):
+        structural = [i for i, m in enumerate(methods) if not isinstance(m, WeightPruningMethod)]
+        if structural and place.mode == "in_place" and placement.is_dispatched(self.model):
             raise RecipeError(
-                "resume: a structural step on a model offloaded by its device_map cannot be resumed yet (the "
-                "snapshot would need the same device_map); load it without offload, or use onload: true."
+                "resume: structural steps on a model dispatched by accelerate (a device_map over several devices, "
+                "offload, cpu_offload) cannot be resumed yet (the snapshot would need the same dispatch); load it "
+                "on one device, or use onload: true."
             )
         if distributed.active():
             raise RecipeError("resume is not available under torchrun yet; run the prune in one process.")
         if work_dir is None and not self.recipe.output.dir:
             raise RecipeError("resume needs an output folder (the work folder lives beside it): set output.dir.")
         path = work_dir or work_folder_for(self.recipe.output.dir)
+        snapshots = [i for i in structural if i < len(methods) - 1]  # the last step's result is the output itself
+        if snapshots:
+            _check_snapshot_room(Path(path), placement.parameter_bytes(self.model))
         windows = ctx.calibration_ids() if not ctx.uses_images() else None
         work = WorkFolder.open(path, fingerprint(self.recipe.to_dict(), windows, self.model, place.to_dict()))
         work.fixed_batch_size(ctx, self.model, place.device)
         snapshot = work.snapshot() if work.resumed else None
         if snapshot is not None:  # the model as the last finished structural step left it
-            dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-            self.model = ctx.model = type(self.model).from_pretrained(str(snapshot), dtype=dtype).eval()
+            self.model = ctx.model = self._load_snapshot(snapshot, place)
             self.adapter = ctx.adapter = ModelAdapter(self.model)
-            placement.apply(self.model, place)
             logger.info("resume: the model as step %d left it, from %s.", work.state["model_step"] + 1, snapshot)
         if work.resumed:
             restored = work.restore_blocks(self.adapter.blocks, ctx.block_context)
@@ -347,6 +364,30 @@ class HFPruner:
 
     def _eval_perplexity(self, cfg: EvalConfig) -> float:
         return perplexity(self.model, self.tokenizer, cfg.source, cfg.seqlen, cfg.max_windows, cfg.batch_size)
+
+    def _load_snapshot(self, folder: Path, place) -> nn.Module:
+        """The snapshot in place of the model: the model's tensors are released first (never two models on the
+        device or in host memory), then the snapshot is loaded with the model's dtype and attention implementation
+        and put where the model was (moved, onloaded, or on its one device)."""
+        import gc
+
+        from accelerate.hooks import remove_hook_from_module
+
+        old = self.model
+        dtype = placement.model_dtype(old)
+        attention = getattr(old.config, "_attn_implementation", None)
+        remove_hook_from_module(old, recurse=True)
+        old.to("meta")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        kwargs = {"attn_implementation": attention} if attention else {}
+        model = type(old).from_pretrained(str(folder), dtype=dtype, **kwargs).eval()
+        if place.mode == "in_place":
+            model.to(place.device)
+        else:
+            placement.apply(model, place)
+        return model
 
     def _save_snapshot(self, folder: Path) -> None:
         """The model as it is now, as a plain checkpoint (a structural step's commit in a resumable prune)."""

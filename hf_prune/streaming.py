@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import ModelAdapter
@@ -39,6 +39,52 @@ from .version import __version__
 
 STREAMABLE = ("magnitude", "wanda", "sparsegpt", "width")
 INDEX = "model.safetensors.index.json"
+
+
+def read_tensors(
+    path: Path, names: list[str] | None, device: torch.device | str, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file. On the CPU a tensor read is a view of the file's mapping, whose pages count
+    in the resident size once touched, beside the copies pruning writes into: with ``copy`` each is copied and its
+    mapping let go before the next is read (without, only the pages read become resident: embedding lookups)."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        names = list(f.keys()) if names is None else names
+    out = {}
+    for name in names:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensor = f.get_tensor(name)
+        out[name] = tensor.clone() if copy and tensor.device.type == "cpu" else tensor
+        del tensor
+    return out
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def copy_tensor_file(src: Path, name: str, dst: Path, chunk: int = 64 << 20) -> None:
+    """Write tensor ``name`` of the safetensors file ``src`` as the only tensor of ``dst``, its bytes copied in
+    chunks through ordinary reads and writes: nothing of it is mapped into (or held in) this process."""
+    start, header = _header(src)
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    meta = {name: {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]}}
+    meta["__metadata__"] = {"format": "pt"}
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(len(text).to_bytes(8, "little"))
+        fout.write(text)
+        fin.seek(start + begin)
+        left = end - begin
+        while left:
+            data = fin.read(min(chunk, left))
+            if not data:
+                raise HFPruneError(f"{src} ends inside {name}: the shard is truncated.")
+            fout.write(data)
+            left -= len(data)
 
 
 class ShardedCheckpoint:
@@ -64,16 +110,17 @@ class ShardedCheckpoint:
     def keys(self, prefix: str = "") -> list[str]:
         return [k for k in self.weight_map if k.startswith(prefix)]
 
-    def load(self, keys: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def load(self, keys: list[str], device: torch.device | str = "cpu", copy: bool = True) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.weight_map[key], []).append(key)
         out = {}
         for file, names in by_file.items():
-            with safe_open(str(self.folder / file), framework="pt", device=str(device)) as f:
-                for name in names:
-                    out[name] = f.get_tensor(name)
+            out.update(read_tensors(self.folder / file, names, device, copy))
         return out
+
+    def copy_tensor(self, key: str, dst: Path) -> None:
+        copy_tensor_file(self.folder / self.weight_map[key], key, dst)
 
     def size_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
@@ -86,7 +133,7 @@ def _materialize_outside_blocks(model: nn.Module, adapter: ModelAdapter, ckpt: S
     head = _untied_head_keys(model)  # never read by calibration (it stops at the last block): copied at the end
     state = {k for k in model.state_dict() if not k.startswith(prefix) and k not in head}
     missing_in_ckpt = [k for k in state if k not in ckpt.weight_map]
-    values = ckpt.load([k for k in state if k in ckpt.weight_map])
+    values = ckpt.load([k for k in state if k in ckpt.weight_map], copy=False)  # views: read as they are used
     for name, module in model.named_modules():
         if name.startswith(prefix) or name == adapter.blocks_path:
             continue
@@ -151,8 +198,9 @@ class StreamedEmbeddings:
     @contextmanager
     def __call__(self):
         weight = self.model.get_input_embeddings().weight
-        if weight.device.type == "meta":
-            self._assign(nn.Parameter(self.ckpt.load([self.key])[self.key].to(weight.dtype), requires_grad=False))
+        if weight.device.type == "meta":  # a view of the file: only the rows the calibration looks up are read
+            loaded = self.ckpt.load([self.key], copy=False)[self.key].to(weight.dtype)
+            self._assign(nn.Parameter(loaded, requires_grad=False))
         try:
             yield
         finally:
@@ -186,6 +234,7 @@ class StreamingBlocks:
         self.device = device  # the execution device: shards are read straight onto it
         self.work = work  # a resumed prune: blocks a killed run committed are read from its work folder
         self.written: dict[int, list[str]] = {}
+        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}  # each written block's tensors (the model's layout)
         for block in adapter.blocks:
             buffers = {n for n, _ in block.named_buffers()}
             saved = set(block.state_dict())
@@ -203,7 +252,7 @@ class StreamingBlocks:
         prefix = f"{self.adapter.block_name(i)}."
         committed = self.work.block_file(i) if self.work is not None and i not in self.written else None
         if committed is not None:  # block-local keys in the model's layout, as the killed run committed it
-            tensors = {prefix + k: v for k, v in load_file(str(committed), device=str(self.device)).items()}
+            tensors = {prefix + k: v for k, v in read_tensors(committed, None, self.device).items()}
         else:
             tensors = to_model_layout(self.adapter.model, self._read(i, prefix))
         dtypes = {k: v.dtype for k, v in block.state_dict().items()}
@@ -228,8 +277,7 @@ class StreamingBlocks:
         """Block i as the previous step left it (its output shard), or from the source checkpoint the first time."""
         if i not in self.written:
             return self.ckpt.load(self.ckpt.keys(prefix), device=self.device)
-        with safe_open(str(self.out / self.shard_name(i)), framework="pt", device=str(self.device)) as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        return read_tensors(self.out / self.shard_name(i), None, self.device)
 
     def write(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.adapter.block_name(i)}."
@@ -240,6 +288,16 @@ class StreamingBlocks:
                 raise PruningCheckError(f"{name} holds NaN or inf after pruning; nothing is saved.")
         save_file(state, str(self.out / self.shard_name(i)), metadata={"format": "pt"})
         self.written[i] = list(state)
+        self.shapes[i] = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+
+    def check_against(self, adapter: ModelAdapter) -> None:
+        """Every written block has the shapes the (rebuilt) skeleton's config describes, so the saved folder
+        reloads as written; raises before anything is saved otherwise."""
+        for i, shapes in self.shapes.items():
+            want = {k: tuple(v.shape) for k, v in adapter.blocks[i].state_dict().items()}
+            if want != shapes:
+                diff = sorted(set(want.items()) ^ set(shapes.items()))[:3]
+                raise PruningCheckError(f"Block {i} as written does not match the new config: {diff}; nothing saved.")
 
 
 def _check_streamable_width(recipe: Recipe, resume: bool) -> None:
@@ -298,7 +356,7 @@ def prune_streaming(
 
     Args:
         model_path: a local checkpoint folder (``hf download`` a Hub model first).
-        recipe: steps limited to weight pruning (magnitude, wanda, sparsegpt; OWL included).
+        recipe: weight pruning (magnitude, wanda, sparsegpt; OWL included) and width (mlp, heads).
         output_dir: the new checkpoint folder (never the input one).
         overwrite: replace a non-empty output folder.
         tokenizer: default the checkpoint's own.
@@ -387,6 +445,7 @@ def prune_streaming(
             if ctx.model is not model:  # a structural step: later steps read its blocks into the new skeleton
                 model, config = ctx.model, ctx.model.config
                 adapter = ctx.adapter = blocks.adapter = ModelAdapter(model)
+                blocks.check_against(adapter)
                 embeddings.model = model
                 embeddings.release()
             if work is not None:
@@ -407,10 +466,9 @@ def prune_streaming(
         rest_file = f"model-{adapter.num_blocks + 1:05d}-of-{n_shards:05d}.safetensors"
         save_file(rest, str(tmp / rest_file), metadata={"format": "pt"})
         copied_files = {}
-        for j, key in enumerate(copied_keys):  # one tensor in memory at a time
+        for j, key in enumerate(copied_keys):  # bytes copied file to file, never in memory
             copied_files[key] = f"model-{adapter.num_blocks + 2 + j:05d}-of-{n_shards:05d}.safetensors"
-            save_file(ckpt.load([key]), str(tmp / copied_files[key]), metadata={"format": "pt"})
-            release_freed_memory()
+            ckpt.copy_tensor(key, tmp / copied_files[key])
         weight_map = {k: blocks.shard_name(i) for i, keys in blocks.written.items() for k in keys}
         weight_map.update({k: rest_file for k in rest})
         weight_map.update(copied_files)

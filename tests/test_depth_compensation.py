@@ -139,3 +139,39 @@ def test_scaled_or_post_norm_residuals_are_refused(tokenizer, tiny_recipe):
     post_norm_opt.do_layer_norm_before = False
     with pytest.raises(RecipeError, match="normalize after the residual"):
         HFPruner(AutoModelForCausalLM.from_config(post_norm_opt), tokenizer, tiny_recipe(step)).prune()
+
+
+def test_compensated_depth_on_an_onloaded_mixture_of_experts_equals_in_memory(tokenizer, tiny_recipe, tmp_path):
+    """gpt-oss (fused, transposed experts with a fused down bias): onloading replaces the block's parameters while it
+    is materialized, and the fold must reach the ones it writes back (the bias included)."""
+    step = {"method": "depth", "blocks": [2], "compensate": "least_squares"}
+    memory = HFPruner(make_tiny_model("gpt_oss", layers=4), tokenizer, tiny_recipe(step))
+    memory.prune()
+    onloaded = HFPruner(
+        make_tiny_model("gpt_oss", layers=4), tokenizer, {**tiny_recipe(step), "onload": True, "device": "cpu"}
+    )
+    onloaded.prune()
+    a = AutoModelForCausalLM.from_pretrained(memory.save_pretrained(tmp_path / "a")).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(onloaded.save_pretrained(tmp_path / "b")).state_dict()
+    bias = next(k for k in a if k.startswith("model.layers.1.") and k.endswith("down_proj_bias"))
+    assert not torch.equal(a[bias], make_tiny_model("gpt_oss", layers=4).state_dict()[bias])  # folded
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_a_residual_scaled_under_an_unknown_key_is_refused_before_any_change(tokenizer, tiny_recipe, monkeypatch):
+    """The fold assumes output = input + attention + MLP; a family that scales its branches under a name hf_prune
+    does not know (here: Granite's multiplier, with the key check removed) is caught on the calibration data."""
+    from transformers import GraniteConfig
+
+    from hf_prune.errors import UnsupportedModelError
+    from hf_prune.methods.depth import method as depth
+
+    monkeypatch.setattr(depth, "_why_not_compensable", lambda ctx: None)
+    config = GraniteConfig(vocab_size=VOCAB, num_key_value_heads=2, residual_multiplier=0.22, **TINY_WIDTHS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = {"method": "depth", "blocks": [1], "compensate": "least_squares"}
+    with pytest.raises(UnsupportedModelError, match="not its input plus its attention and MLP"):
+        HFPruner(model, tokenizer, tiny_recipe(step)).prune()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

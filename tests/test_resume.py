@@ -286,3 +286,41 @@ def test_a_killed_streaming_prune_resumes_to_the_identical_checkpoint(kill_at, t
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     ref_config = json.loads((tmp_path / "ref" / "config.json").read_text())["pruning_config"]
     assert json.loads((out / "config.json").read_text())["pruning_config"]["steps"] == ref_config["steps"]
+
+
+def test_structural_resume_refuses_a_dispatched_model_and_a_full_disk(tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    """A snapshot is loaded back on one device (or onloaded): an accelerate dispatch is refused before any work; so
+    is a work folder without room for the snapshot."""
+    import shutil
+    from collections import namedtuple
+
+    from accelerate import cpu_offload
+
+    steps = [{"method": "depth", "num_blocks": 1}, {"method": "wanda", "sparsity": 0.5}]
+    model = cpu_offload(make_tiny_model("llama", layers=4), execution_device="cpu")
+    with pytest.raises(RecipeError, match="dispatched by accelerate"):
+        HFPruner(model, tokenizer, _recipe(tiny_recipe, steps, tmp_path / "a")).prune(resume=True)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    model = make_tiny_model("llama", layers=4)
+    with pytest.raises(RecipeError, match="GiB are free there"):
+        HFPruner(model, tokenizer, _recipe(tiny_recipe, steps, tmp_path / "b")).prune(resume=True)
+    assert len(model.model.layers) == 4 and not work_folder_for(tmp_path / "b").exists()
+
+
+def test_a_last_structural_step_is_not_snapshotted(tmp_path, tokenizer, tiny_recipe, monkeypatch):
+    """Its result is the output itself: a kill before the save redoes it from the previous commit."""
+    from hf_prune.resume import WorkFolder
+
+    commits = []
+    original = WorkFolder.commit_step
+    monkeypatch.setattr(
+        WorkFolder,
+        "commit_step",
+        lambda self, step, report, save=None: commits.append((step, save)) or original(self, step, report, save),
+    )
+    steps = [{"method": "wanda", "sparsity": 0.5}, {"method": "depth", "num_blocks": 1}]
+    HFPruner(make_tiny_model("llama", layers=4), tokenizer, _recipe(tiny_recipe, steps, tmp_path / "o")).prune(
+        resume=True
+    )
+    assert commits == [(0, None)]

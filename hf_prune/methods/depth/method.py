@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ... import distributed
-from ...adapters import ModelAdapter
+from ...adapters import ModelAdapter, get_submodule
 from ...calibration.engine import hooks, model_device
 from ...calibration.stats import CosineStats
-from ...errors import PruningCheckError, RecipeError
+from ...errors import PruningCheckError, RecipeError, UnsupportedModelError
 from ...report import StepReport
 from ...surgery import remove_blocks, structure_mismatch
 from ...utils import logger
@@ -252,9 +252,17 @@ class DepthMethod(PruningMethod):
             i = step.index
             if i in by_writer:
                 seen: list[torch.Tensor] = []
-                hook = writers[i].module.register_forward_hook(_recorder(seen))
-                with hooks([hook]):
+                attention_out: list[torch.Tensor] = []
+                added = [writers[i].module.register_forward_hook(_recorder(seen))]
+                attention = get_submodule(step.block, ctx.adapter.spec.attention)
+                if attention is not None:
+                    added.append(attention.register_forward_hook(_recorder(attention_out)))
+                with hooks(added):
                     outputs = step.forward()
+                if attention_out:
+                    _check_plain_residual(
+                        ctx.adapter.block_name(i), step.inputs[0], attention_out[0], seen[0], outputs[0]
+                    )
                 open_runs[i] = (seen, outputs)
                 stats[i] = RunStatistics(outputs[0].shape[-1], outputs[0].device)
                 step.info["outputs"] = outputs
@@ -356,6 +364,24 @@ def _why_not_compensable(ctx: PruneContext) -> str | None:
     if getattr(config, "do_layer_norm_before", True) is False:
         return "its blocks normalize after the residual, so the MLP output is not what joins the residual stream"
     return None
+
+
+RESIDUAL_TOLERANCE = 0.25  # of the branches' norm: bf16 rounding of the stream stays far below, a scaled branch not
+
+
+def _check_plain_residual(name: str, x: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor, y: torch.Tensor):
+    """The fit and the fold assume the block's output is its input plus its attention and MLP outputs, unscaled;
+    checked on the first chunk before anything is folded (a family may scale its branches under a config key hf_prune
+    does not know)."""
+    branches = (attention.float() + mlp.float()).reshape(y.shape)
+    rest = (y.float() - x.to(y.device).float() - branches).norm()
+    ratio = float(rest / branches.norm().clamp_min(1e-30))
+    if ratio > RESIDUAL_TOLERANCE:
+        raise UnsupportedModelError(
+            f"depth.compensate: {name}'s output is not its input plus its attention and MLP outputs (what is left "
+            f"is {ratio:.2f} of the branches): its residual branches are scaled or normalized, so the map cannot be "
+            "folded into its MLP. Nothing was changed; use compensate: none."
+        )
 
 
 def _recorder(store: list[torch.Tensor]):

@@ -24,11 +24,14 @@ class MlpWriter:
     module: nn.Module
     linears: list[LinearRef] = field(default_factory=list)
     experts: list[ExpertRef | LinearRef] = field(default_factory=list)
-    expert_bias: nn.Parameter | None = None
+    experts_module: nn.Module | None = None
+    expert_bias: str | None = None  # attribute of experts_module: looked up when folding (onloading replaces it)
 
     @torch.no_grad()
     def fold(self, T: torch.Tensor) -> None:
-        """Make the module output ``M @ T`` (in place; inside the block's materialized context)."""
+        """Make the module output ``M @ T`` (in place; inside the block's materialized context, where every tensor
+        is read again: offload hooks put new parameters on the execution device)."""
+        T = T.to(dtype=torch.float32)
         for ref in [*self.linears, *(r for r in self.experts if isinstance(r, LinearRef))]:
             w, bias = weight_out_in(ref.module), ref.module.bias
             new_w, new_b = fold_into_writer(w, bias.data if bias is not None else None, T)
@@ -40,8 +43,8 @@ class MlpWriter:
                 view = ref.weight()  # a view into the fused tensor: writing it writes the expert's slice
                 view.copy_(fold_into_writer(view, None, T)[0])
         if self.expert_bias is not None:
-            b = self.expert_bias.data
-            b.copy_((b.float() @ T.to(device=b.device, dtype=torch.float32)).to(b.dtype))
+            b = getattr(self.experts_module, self.expert_bias).data
+            b.copy_((b.float() @ T.to(device=b.device)).to(b.dtype))
 
 
 def mlp_writer(adapter: ModelAdapter, index: int) -> MlpWriter | None:
@@ -56,8 +59,7 @@ def mlp_writer(adapter: ModelAdapter, index: int) -> MlpWriter | None:
     if module is None:
         return None
     experts = [r for r in adapter.experts(index) if r.role == "expert_down"]
-    bias_name = spec.layout.down_bias
     experts_module = adapter.experts_module(index)
-    bias = getattr(experts_module, bias_name, None) if bias_name else None
+    bias = spec.layout.down_bias if getattr(experts_module, spec.layout.down_bias or "", None) is not None else None
     shared = [r for r in linears if r.role == "shared_down"]
-    return MlpWriter(f"{adapter.block_name(index)}.{path}", module, shared, experts, bias)
+    return MlpWriter(f"{adapter.block_name(index)}.{path}", module, shared, experts, experts_module, bias)

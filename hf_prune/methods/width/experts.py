@@ -115,7 +115,7 @@ def narrow_routed_experts(
         keep = keep_top(channel_scores(criterion, stats, weight), width).to(weight.device)
         new = None
         if least_squares:
-            new, error = refit_kept_columns(weight, stats.second_moment.to(weight.device), keep)
+            new, error = refit_kept_columns(weight, stats.take_second_moment(weight.device), keep)
             errors.append(error)
         keeps.append(keep)
         new_downs.append((new if new is not None else weight[:, keep]).to(ref.parameter().dtype))

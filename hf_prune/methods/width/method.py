@@ -450,8 +450,9 @@ class WidthMethod(PruningMethod):
         new_weight, shift, error = None, None, None
         st = stats.get(part)
         if c.compensate == "least_squares":
-            G = st.second_moment.to(weight.device)
-            new_weight, error = S.refit_kept_columns(weight, G, keep.to(weight.device))
+            new_weight, error = S.refit_kept_columns(
+                weight, st.take_second_moment(weight.device), keep.to(weight.device)
+            )
         elif c.compensate == "bias":
             removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
             removed[keep.to(weight.device)] = False

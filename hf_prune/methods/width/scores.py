@@ -61,6 +61,11 @@ class ChannelStats:
     def second_moment(self) -> torch.Tensor:
         return self.gram / max(self.tokens, 1)
 
+    def take_second_moment(self, device: torch.device | None = None) -> torch.Tensor:
+        """The second moment, divided in place: the statistics give it up, so one channels^2 matrix is alive."""
+        gram, self.gram = self.gram, None
+        return gram.to(device if device is not None else gram.device).div_(max(self.tokens, 1))
+
 
 def channel_scores(criterion: str, stats: ChannelStats, consumer: torch.Tensor) -> torch.Tensor:
     """Importance of each input channel of the consuming projection ``consumer`` (out, C).
@@ -103,27 +108,31 @@ def bias_shift(consumer: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor
     return consumer.float()[:, removed] @ mean[removed]
 
 
+def _solve_spd(gss: torch.Tensor, rhs_t: torch.Tensor) -> torch.Tensor:
+    """gss^-1 rhs_t for a symmetric positive definite gss: Cholesky in the inputs' dtype (float32), a float64 solve
+    only where the factorization fails."""
+    factor, info = torch.linalg.cholesky_ex(gss)
+    if int(info) == 0:
+        out = torch.cholesky_solve(rhs_t, factor)
+        if bool(torch.isfinite(out).all()):
+            return out
+    return torch.linalg.solve(gss.double(), rhs_t.double()).to(rhs_t.dtype)
+
+
+def _damping(gss: torch.Tensor, damp: float) -> float:
+    return damp * float(gss.diagonal().mean().clamp_min(1e-12))
+
+
 def least_squares_refit(
     consumer: torch.Tensor, second_moment: torch.Tensor, kept: torch.Tensor, damp: float = 0.01
 ) -> torch.Tensor:
     """The kept columns W' minimizing E||W x - W' x_S||^2 over the calibration tokens: W' = W G[:, S] G[S, S]^-1
-    (G = E[x x^T]), the diagonal of G[S, S] dampened by ``damp`` times its mean. Float64 solve."""
-    g = second_moment.double()
+    (G = E[x x^T]), the diagonal of G[S, S] dampened by ``damp`` times its mean. Float32 Cholesky solve."""
+    g = second_moment.float()
+    rhs = consumer.float() @ g[:, kept]  # (out, k)
     gss = g[kept][:, kept]
-    gss = gss + torch.eye(len(kept), dtype=g.dtype, device=g.device) * damp * gss.diagonal().mean().clamp_min(1e-12)
-    rhs = consumer.double() @ g[:, kept]  # (out, k)
-    solution = torch.linalg.solve(gss, rhs.t()).t()  # gss symmetric: (rhs gss^-1)^T = gss^-1 rhs^T
-    return solution.to(torch.float32)
-
-
-def relative_error(weight: torch.Tensor, new: torch.Tensor, G: torch.Tensor, keep: torch.Tensor) -> float:
-    """E||W x - W' x_S||^2 / E||W x||^2 from the second moment G (no activations kept)."""
-    G = G.double()
-    W, N = weight.double(), new.double()
-    full = torch.einsum("oi,ij,oj->", W, G, W)
-    cross = torch.einsum("oi,ij,oj->", W, G[:, keep], N)
-    kept = torch.einsum("oi,ij,oj->", N, G[keep][:, keep], N)
-    return float((full - 2 * cross + kept) / full.clamp_min(1e-30))
+    gss.diagonal().add_(_damping(gss, damp))
+    return _solve_spd(gss, rhs.t().contiguous()).t()
 
 
 def refit_summary(errors: list[dict]) -> dict:
@@ -136,14 +145,40 @@ def refit_summary(errors: list[dict]) -> dict:
 
 
 def refit_kept_columns(
-    weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor
+    weight: torch.Tensor, second_moment: torch.Tensor, keep: torch.Tensor, damp: float = 0.01
 ) -> tuple[torch.Tensor | None, dict]:
     """The least-squares refit of ``weight``'s kept columns and the relative output errors of plain slicing and of
-    the refit on the calibration data; the refit is None where it is not better (never worse than slicing)."""
-    new = least_squares_refit(weight, second_moment, keep)
-    error = {
-        "plain": relative_error(weight, weight[:, keep], second_moment, keep),
-        "refit": relative_error(weight, new, second_moment, keep),
-    }
+    the refit on the calibration data; the refit is None where it is not better (never worse than slicing).
+
+    One (out x in x in) product, W G, serves the right-hand side and both errors; the refit's own term comes from the
+    normal equations (N (G_SS + lambda I) = (W G)_S), so the only other products are k x k: float32 throughout
+    (sums in float64), as on an accelerator. Pass the second moment as the only reference to it (e.g.
+    ``stats.take_second_moment()``): it is let go once G_SS is taken."""
+    W, G = weight.float(), second_moment.float()
+    del second_moment
+    WG = W @ G
+    full = (W * WG).sum(dtype=torch.float64).clamp_min(1e-30)
+    rhs = WG[:, keep]  # W G[:, S] (G symmetric)
+    del WG
+    rows, cols = keep.unsqueeze(1), keep.unsqueeze(0)
+    gss = G[rows, cols]  # G_SS, without a k x n intermediate
+    del G
+    plain = W[:, keep]
+    plain_error = full - 2 * (plain * rhs).sum(dtype=torch.float64) + (plain * (plain @ gss)).sum(dtype=torch.float64)
+    del plain
+    lam = _damping(gss, damp)
+    gss.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(gss)
+    new = None
+    if int(info) == 0:
+        new = torch.cholesky_solve(rhs.t().contiguous(), factor).t()
+        if not bool(torch.isfinite(new).all()):
+            new = None
+    del factor
+    if new is None:  # not positive definite in float32: a float64 solve
+        new = torch.linalg.solve(gss.double(), rhs.t().double()).t().float()
+    del gss
+    refit_error = full - 2 * (new * rhs).sum(dtype=torch.float64) + (new * (rhs - lam * new)).sum(dtype=torch.float64)
+    error = {"plain": float(plain_error / full), "refit": float(refit_error / full)}
     error["kept"] = error["refit"] < error["plain"]
-    return (new if error["kept"] else None), error
+    return (new.contiguous() if error["kept"] else None), error
