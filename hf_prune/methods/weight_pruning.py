@@ -175,6 +175,7 @@ class WeightPruningMethod(PruningMethod):
     config: WeightPruningConfig
     comparison_group: str = "row"  # masks compared per output row ("row") or over the whole matrix ("layer")
     uses_statistics: bool = True  # False: the masks need no calibration data (reconstruction still does)
+    float_weight: bool = True  # prune_weight gets a float32 copy (False: the weight as stored; it converts itself)
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -612,7 +613,9 @@ class WeightPruningMethod(PruningMethod):
         if stats is not None:
             stats.all_reduce()  # a data-parallel run: the statistics of every rank's windows (once per object)
         weight = ref.weight()
-        new_weight, mask = self.prune_weight(weight.float().contiguous(), stats, sparsity, structure, ref.name)
+        given = weight.float().contiguous() if self.float_weight else weight
+        new_weight, mask = self.prune_weight(given, stats, sparsity, structure, ref.name)
+        del given
         if new_weight is not None:
             weight.copy_(new_weight.to(weight.dtype).masked_fill(mask, 0))
         else:

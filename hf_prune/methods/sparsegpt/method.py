@@ -52,6 +52,7 @@ class SparseGPTMethod(WeightPruningMethod):
     """SparseGPT: prune by OBS saliency and update the kept weights to reconstruct the layer's outputs."""
 
     comparison_group = "layer"  # the exact pruned count per layer is floor(numel * sparsity)
+    float_weight = False  # the solver makes its one float32 working copy
     config: SparseGPTConfig
 
     def __init__(self, config: SparseGPTConfig):

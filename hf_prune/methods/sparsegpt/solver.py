@@ -84,7 +84,7 @@ def sparsegpt_prune(
         blocksize: columns per lazy-update block (128 in the paper). For N:M it is rounded down to a multiple of M.
         percdamp: dampening as a fraction of mean(diag(H)); raised tenfold while H is not positive definite.
     """
-    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    W = torch.empty(weight.shape, dtype=torch.float32, device=weight.device).copy_(weight.detach())  # one copy
     H = H.detach().clone().float()
     rows, cols = W.shape
     dead = torch.diag(H) == 0

@@ -36,6 +36,7 @@ class WandaMethod(WeightPruningMethod):
     """Wanda: |W| * ||X|| per input channel, compared per output row as in the paper."""
 
     comparison_group = "row"
+    float_weight = False  # each slab of rows is scored in float32
 
     def make_stats(self, ref: WeightRef) -> InputNormStats:
         return InputNormStats(ref.in_features, ref.device)
@@ -48,6 +49,6 @@ class WandaMethod(WeightPruningMethod):
         mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
         step = max(1, SCORE_ELEMENTS // weight.shape[1])
         for r in range(0, weight.shape[0], step):
-            scores = wanda_scores(weight[r : r + step], stats.norms)
+            scores = wanda_scores(weight[r : r + step].float(), stats.norms)
             mask[r : r + step] = select_mask(scores, sparsity, structure, "row")
         return None, mask
