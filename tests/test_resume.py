@@ -20,18 +20,19 @@ class Killed(Exception):
     pass
 
 
-def _kill_after(monkeypatch, n: int) -> None:
-    """Make the n-th pruned target raise, as a kill would stop the process there."""
-    original = WeightPruningMethod._prune_ref
+def _kill_after(monkeypatch, n: int, owner=WeightPruningMethod, name: str = "_prune_ref") -> None:
+    """Make the call after the n-th of ``owner.name`` (default: each pruned target) raise, as a kill would stop
+    the process there."""
+    original = getattr(owner, name)
     calls = {"n": 0}
 
-    def prune_ref(self, *args, **kwargs):
+    def killing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > n:
             raise Killed
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(WeightPruningMethod, "_prune_ref", prune_ref)
+    monkeypatch.setattr(owner, name, killing)
 
 
 RECIPES = {
@@ -121,20 +122,6 @@ STRUCTURAL = [
 ]
 
 
-def _kill_width_after(monkeypatch, n: int) -> None:
-    from hf_prune.methods.width.method import WidthMethod
-
-    original, calls = WidthMethod._prune_block, {"n": 0}
-
-    def prune_block(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise Killed
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(WidthMethod, "_prune_block", prune_block)
-
-
 @pytest.mark.parametrize("where", ["width block 2", "sparsegpt block 1", "sparsegpt block 1, onloaded"])
 def test_a_killed_prune_with_structural_steps_resumes_to_the_identical_result(
     where, tmp_path, tokenizer, tiny_recipe, monkeypatch
@@ -151,7 +138,9 @@ def test_a_killed_prune_with_structural_steps_resumes_to_the_identical_result(
     out = tmp_path / "out"
     with monkeypatch.context() as m:
         if where.startswith("width"):
-            _kill_width_after(m, 1)
+            from hf_prune.methods.width.method import WidthMethod
+
+            _kill_after(m, 1, WidthMethod, "_prune_block")
         else:
             _kill_after(m, 10)
         with pytest.raises(Killed):
