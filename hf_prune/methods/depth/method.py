@@ -373,7 +373,7 @@ def _check_plain_residual(name: str, x: torch.Tensor, attention: torch.Tensor, m
     """The fit and the fold assume the block's output is its input plus its attention and MLP outputs, unscaled;
     checked on the first chunk before anything is folded (a family may scale its branches under a config key hf_prune
     does not know)."""
-    branches = (attention.float() + mlp.float()).reshape(y.shape)
+    branches = attention.float().reshape(y.shape) + mlp.float().reshape(y.shape)  # OPT flattens its MLP tokens
     rest = (y.float() - x.to(y.device).float() - branches).norm()
     ratio = float(rest / branches.norm().clamp_min(1e-30))
     if ratio > RESIDUAL_TOLERANCE:
