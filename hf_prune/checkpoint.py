@@ -68,27 +68,34 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def read_safetensors_header(path: Path) -> tuple[int, dict]:
+    """(where the tensor bytes start, the parsed header) of a safetensors file; OSError / ValueError when the header
+    cannot be read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than its 8-byte header length")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8 or n > 100_000_000:
+            raise ValueError(f"its header claims {n} bytes, the file has {size}")
+        return 8 + n, json.loads(f.read(n))
+
+
 def check_safetensors_file(path: Path) -> None:
     """A safetensors file whose header parses and whose tensors all lie inside the file (a truncated download or an
     interrupted copy fails here, from the header alone: nothing is loaded)."""
     try:
+        start, header = read_safetensors_header(path)
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than its 8-byte header length")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8 or n > 100_000_000:
-                raise ValueError(f"its header claims {n} bytes, the file has {size}")
-            header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CorruptCheckpointError(
             f"{path} is not a valid safetensors file ({exc}). Download or save the model again."
         ) from exc
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
+    if start + end != size:
         raise CorruptCheckpointError(
-            f"{path} is truncated or damaged: its tensors need {8 + n + end} bytes, the file has {size}. "
+            f"{path} is truncated or damaged: its tensors need {start + end} bytes, the file has {size}. "
             "Download or save the model again."
         )
 

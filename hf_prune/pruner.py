@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from .methods.base import PruningMethod
 from .methods.context import PruneContext
 from .recipe import EvalConfig, Recipe
 from .registry import get_method
-from .report import PruningReport, StepReport, count_parameters
+from .report import PruningReport, count_parameters
 from .utils import logger, peak_cuda_bytes, peak_rss_bytes
 from .version import __version__
 
@@ -263,11 +262,10 @@ class HFPruner:
 
         for index, method in enumerate(methods):
             logger.info("Step %d/%d: %s", len(report.steps) + 1, len(methods), method.config.method)
-            saved = work.finished_step(index) if work is not None else None
-            if saved is not None:  # finished before the kill: its weights were restored
-                saved = dict(saved)
-                self._resumed_configs[id(method)] = saved.pop("pruning_config", None)
-                report.steps.append(StepReport.from_dict(saved))
+            finished = work.finished_step(index) if work is not None else None
+            if finished is not None:  # finished before the kill: its weights were restored
+                step_report, self._resumed_configs[id(method)] = finished
+                report.steps.append(step_report)
                 self._applied.append(method)
                 continue
             ctx.work = (work, index) if work is not None else None
@@ -285,9 +283,9 @@ class HFPruner:
                 from .methods.weight_pruning import WeightPruningMethod
 
                 structural = not isinstance(method, WeightPruningMethod)
-                saved = {**dataclasses.asdict(step_report), "pruning_config": method.pruning_config()}
                 if not (structural and index == len(methods) - 1):  # a last structural step is redone, not saved
-                    work.commit_step(index, saved, self._save_snapshot if structural else None)
+                    snapshot = self._save_snapshot if structural else None
+                    work.commit_step(index, step_report, method.pruning_config(), snapshot)
         report.calibration = ctx.calibration_info
         self._check_outputs_finite(ctx)
 

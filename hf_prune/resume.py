@@ -14,6 +14,7 @@ again from its start. The folder is removed when the prune succeeds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import RecipeError
+from .report import StepReport
 from .utils import logger
 
 STATE = "state.json"
@@ -99,9 +101,13 @@ class WorkFolder:
     def resumed(self) -> bool:
         return self.state["step"] > 0 or self.state["next_block"] > 0
 
-    def finished_step(self, index: int) -> dict | None:
-        """The saved report of step ``index`` if it finished before."""
-        return self.state["steps"][index] if index < len(self.state["steps"]) else None
+    def finished_step(self, index: int) -> tuple[StepReport, dict | None] | None:
+        """Step ``index``'s report and the ``pruning_config`` it recorded, if it finished before the kill."""
+        if index >= len(self.state["steps"]):
+            return None
+        saved = dict(self.state["steps"][index])
+        config = saved.pop("pruning_config", None)
+        return StepReport.from_dict(saved), config
 
     def start(self, step: int) -> int:
         """The first block step ``step`` still has to prune."""
@@ -194,11 +200,11 @@ class WorkFolder:
         for older in range(step):  # superseded versions of this block
             (self.path / f"s{older}-b{block}.safetensors").unlink(missing_ok=True)
 
-    def commit_step(self, step: int, report: dict, save_model=None) -> None:
-        """Step ``step`` finished with ``report``. A structural step (its shapes changed) passes ``save_model``,
-        which writes the model as it is now into a folder: that snapshot, then the state, then the superseded files
-        go, so a kill leaves either the previous commit or this one."""
-        steps = self.state["steps"][:step] + [report]
+    def commit_step(self, step: int, report: StepReport, pruning_config: dict, save_model=None) -> None:
+        """Step ``step`` finished with ``report`` and records ``pruning_config``. A structural step (its shapes
+        changed) passes ``save_model``, which writes the model as it is now into a folder: that snapshot, then the
+        state, then the superseded files go, so a kill leaves either the previous commit or this one."""
+        steps = self.state["steps"][:step] + [{**dataclasses.asdict(report), "pruning_config": pruning_config}]
         if save_model is not None:
             staging = self.path / f".model-s{step}.tmp"
             shutil.rmtree(staging, ignore_errors=True)

@@ -9,7 +9,6 @@ in-memory path writes: the same tensors, to the bit, for the same recipe and see
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -25,14 +24,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import ModelAdapter
-from .checkpoint import atomic_write_folder, check_model_source, check_output_dir
+from .checkpoint import atomic_write_folder, check_model_source, check_output_dir, read_safetensors_header
 from .checkpoint_layout import to_checkpoint_layout, to_model_layout
 from .errors import HFPruneError, PruningCheckError, RecipeError
 from .methods.context import PruneContext
 from .placement import Placement, compute_dtype_for, model_dtype, resolve_device
 from .recipe import Recipe
 from .registry import get_method
-from .report import PruningReport, StepReport
+from .report import PruningReport
 from .resume import WorkFolder, fingerprint, work_folder_for
 from .utils import logger, peak_rss_bytes
 from .version import __version__
@@ -58,16 +57,10 @@ def read_tensors(
     return out
 
 
-def _header(path: Path) -> tuple[int, dict]:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
-
-
 def copy_tensor_file(src: Path, name: str, dst: Path, chunk: int = 64 << 20) -> None:
     """Write tensor ``name`` of the safetensors file ``src`` as the only tensor of ``dst``, its bytes copied in
     chunks through ordinary reads and writes: nothing of it is mapped into (or held in) this process."""
-    start, header = _header(src)
+    start, header = read_safetensors_header(src)
     entry = header[name]
     begin, end = entry["data_offsets"]
     meta = {name: {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]}}
@@ -281,14 +274,15 @@ class StreamingBlocks:
 
     def write(self, i: int, block: nn.Module) -> None:
         prefix = f"{self.adapter.block_name(i)}."
-        state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        local = block.state_dict()
+        state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in local.items()}
         state = {k: v.contiguous() for k, v in to_checkpoint_layout(self.adapter.model, state).items()}
         for name, value in state.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise PruningCheckError(f"{name} holds NaN or inf after pruning; nothing is saved.")
         save_file(state, str(self.out / self.shard_name(i)), metadata={"format": "pt"})
         self.written[i] = list(state)
-        self.shapes[i] = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+        self.shapes[i] = {k: tuple(v.shape) for k, v in local.items()}
 
     def check_against(self, adapter: ModelAdapter) -> None:
         """Every written block has the shapes the (rebuilt) skeleton's config describes, so the saved folder
@@ -431,11 +425,10 @@ def prune_streaming(
         ctx.block_context = blocks
         for index, method in enumerate(methods):
             ctx.restructure = _restructured(ctx.model, ckpt)
-            saved = work.finished_step(index) if work is not None else None
-            if saved is not None:  # finished before the kill: its blocks are read from the work folder
-                saved = dict(saved)
-                step_configs.append(saved.pop("pruning_config"))
-                report.steps.append(StepReport.from_dict(saved))
+            finished = work.finished_step(index) if work is not None else None
+            if finished is not None:  # finished before the kill: its blocks are read from the work folder
+                report.steps.append(finished[0])
+                step_configs.append(finished[1])
                 continue
             ctx.work = (work, index) if work is not None else None
             step_report = method.run(ctx)
@@ -449,7 +442,7 @@ def prune_streaming(
                 embeddings.model = model
                 embeddings.release()
             if work is not None:
-                work.commit_step(index, {**dataclasses.asdict(step_report), "pruning_config": step_configs[-1]})
+                work.commit_step(index, step_report, step_configs[-1])
         for i in range(adapter.num_blocks):  # blocks no step touched are copied as they are
             if i not in blocks.written:
                 with blocks(adapter.blocks[i]):

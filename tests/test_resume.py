@@ -306,7 +306,9 @@ def test_a_last_structural_step_is_not_snapshotted(tmp_path, tokenizer, tiny_rec
     monkeypatch.setattr(
         WorkFolder,
         "commit_step",
-        lambda self, step, report, save=None: commits.append((step, save)) or original(self, step, report, save),
+        lambda self, step, report, config, save=None: (
+            commits.append((step, save)) or original(self, step, report, config, save)
+        ),
     )
     steps = [{"method": "wanda", "sparsity": 0.5}, {"method": "depth", "num_blocks": 1}]
     HFPruner(make_tiny_model("llama", layers=4), tokenizer, _recipe(tiny_recipe, steps, tmp_path / "o")).prune(

@@ -18,7 +18,8 @@ from .compensation import fold_into_writer
 @dataclass
 class MlpWriter:
     """``module``: whose forward output is the MLP output M; ``linears``: down projections (with their biases);
-    ``experts``: routed experts' down matrices; ``expert_bias``: the fused (experts, hidden) down bias, if any."""
+    ``experts``: routed experts' down matrices (views into fused tensors, or per-expert linears); ``expert_bias``:
+    the name of the fused (experts, hidden) down bias on ``experts_module``, if it has one."""
 
     name: str
     module: nn.Module
@@ -32,16 +33,16 @@ class MlpWriter:
         """Make the module output ``M @ T`` (in place; inside the block's materialized context, where every tensor
         is read again: offload hooks put new parameters on the execution device)."""
         T = T.to(dtype=torch.float32)
-        for ref in [*self.linears, *(r for r in self.experts if isinstance(r, LinearRef))]:
+        for ref in [*self.linears, *self.experts]:
+            if isinstance(ref, ExpertRef):
+                view = ref.weight()  # a view into the fused tensor: writing it writes the expert's slice
+                view.copy_(fold_into_writer(view, None, T)[0])
+                continue
             w, bias = weight_out_in(ref.module), ref.module.bias
             new_w, new_b = fold_into_writer(w, bias.data if bias is not None else None, T)
             w.copy_(new_w)
             if bias is not None:
                 bias.data.copy_(new_b)
-        for ref in self.experts:
-            if isinstance(ref, ExpertRef):
-                view = ref.weight()  # a view into the fused tensor: writing it writes the expert's slice
-                view.copy_(fold_into_writer(view, None, T)[0])
         if self.expert_bias is not None:
             b = getattr(self.experts_module, self.expert_bias).data
             b.copy_((b.float() @ T.to(device=b.device)).to(b.dtype))
@@ -60,6 +61,8 @@ def mlp_writer(adapter: ModelAdapter, index: int) -> MlpWriter | None:
         return None
     experts = [r for r in adapter.experts(index) if r.role == "expert_down"]
     experts_module = adapter.experts_module(index)
-    bias = spec.layout.down_bias if getattr(experts_module, spec.layout.down_bias or "", None) is not None else None
+    bias = spec.layout.down_bias
+    if bias is not None and getattr(experts_module, bias, None) is None:  # the layout allows one; this model has none
+        bias = None
     shared = [r for r in linears if r.role == "shared_down"]
     return MlpWriter(f"{adapter.block_name(index)}.{path}", module, shared, experts, experts_module, bias)

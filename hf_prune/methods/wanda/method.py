@@ -47,8 +47,8 @@ class WandaMethod(WeightPruningMethod):
         """Rows are compared on their own, so the mask is built a slab of rows at a time: the float32 scores and
         the selection's indices of a 14336 x 4096 matrix would otherwise be ~0.5 GiB beside it."""
         mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-        step = max(1, SCORE_ELEMENTS // weight.shape[1])
+        norms, step = stats.norms, max(1, SCORE_ELEMENTS // weight.shape[1])
         for r in range(0, weight.shape[0], step):
-            scores = wanda_scores(weight[r : r + step].float(), stats.norms)
+            scores = wanda_scores(weight[r : r + step].float(), norms)
             mask[r : r + step] = select_mask(scores, sparsity, structure, "row")
         return None, mask

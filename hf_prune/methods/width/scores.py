@@ -130,7 +130,7 @@ def least_squares_refit(
     (G = E[x x^T]), the diagonal of G[S, S] dampened by ``damp`` times its mean. Float32 Cholesky solve."""
     g = second_moment.float()
     rhs = consumer.float() @ g[:, kept]  # (out, k)
-    gss = g[kept][:, kept]
+    gss = g[kept.unsqueeze(1), kept.unsqueeze(0)]
     gss.diagonal().add_(_damping(gss, damp))
     return _solve_spd(gss, rhs.t().contiguous()).t()
 
@@ -160,23 +160,14 @@ def refit_kept_columns(
     full = (W * WG).sum(dtype=torch.float64).clamp_min(1e-30)
     rhs = WG[:, keep]  # W G[:, S] (G symmetric)
     del WG
-    rows, cols = keep.unsqueeze(1), keep.unsqueeze(0)
-    gss = G[rows, cols]  # G_SS, without a k x n intermediate
+    gss = G[keep.unsqueeze(1), keep.unsqueeze(0)]  # G_SS, without a k x n intermediate
     del G
     plain = W[:, keep]
     plain_error = full - 2 * (plain * rhs).sum(dtype=torch.float64) + (plain * (plain @ gss)).sum(dtype=torch.float64)
     del plain
     lam = _damping(gss, damp)
     gss.diagonal().add_(lam)
-    factor, info = torch.linalg.cholesky_ex(gss)
-    new = None
-    if int(info) == 0:
-        new = torch.cholesky_solve(rhs.t().contiguous(), factor).t()
-        if not bool(torch.isfinite(new).all()):
-            new = None
-    del factor
-    if new is None:  # not positive definite in float32: a float64 solve
-        new = torch.linalg.solve(gss.double(), rhs.t().double()).t().float()
+    new = _solve_spd(gss, rhs.t().contiguous()).t()
     del gss
     refit_error = full - 2 * (new * rhs).sum(dtype=torch.float64) + (new * (rhs - lam * new)).sum(dtype=torch.float64)
     error = {"plain": float(plain_error / full), "refit": float(refit_error / full)}
