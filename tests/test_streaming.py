@@ -222,3 +222,6 @@ def test_width_steps_streaming_cannot_run_are_refused_before_any_work(sharded, t
         with pytest.raises(RecipeError, match=message):
             prune_streaming(src, tiny_recipe(step), tmp_path / "x")
         assert not (tmp_path / "x").exists()
+    with pytest.raises(RecipeError, match="--resume with a width step"):
+        prune_streaming(src, tiny_recipe({"method": "width", "mlp": 0.5}), tmp_path / "x", resume=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.work").exists()
