@@ -104,10 +104,54 @@ def build(shape_name: str, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str) -> dict:
-    """One streaming prune in this process; its measurements."""
+class PeakTracer:
+    """Samples this process's resident size every few milliseconds and, at each new high, keeps the main thread's
+    Python stack: where the peak happens (``prune --trace-rss``). Sampling, so a spike shorter than the interval can
+    be missed; the peak itself is still VmHWM's."""
+
+    def __init__(self, interval: float = 0.005):
+        import threading
+
+        self.interval, self.peak, self.where = interval, 0, []
+        self.main = threading.main_thread().ident
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        import traceback
+
+        while not self.stop.wait(self.interval):
+            now = self.rss()
+            if now > self.peak + (16 << 20) or (now > self.peak and not self.where):
+                self.peak = now
+                frame = sys._current_frames().get(self.main)
+                stack = traceback.extract_stack(frame)[-8:] if frame is not None else []
+                self.where.append(
+                    {
+                        "rss_gib": round(now / 2**30, 3),
+                        "stack": [f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in stack],
+                    }
+                )
+
+    def __enter__(self) -> PeakTracer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str, trace: bool = False) -> dict:
+    """One streaming prune in this process; its measurements (with ``trace``, the stacks of the RSS highs)."""
     import shutil
     import tempfile
+    from contextlib import nullcontext
 
     from hf_prune import prune_streaming
     from hf_prune.utils import peak_rss_bytes, setup_logging
@@ -119,8 +163,10 @@ def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str) -> 
         "calibration": {"source": "fortunes", "nsamples": nsamples, "seqlen": seqlen, "seed": 0},
         "steps": STEPS[method],
     }
+    tracer = PeakTracer() if trace else nullcontext()
     start = time.perf_counter()
-    report = prune_streaming(model, recipe, out)
+    with tracer:
+        report = prune_streaming(model, recipe, out)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     blocks = report.steps[0].details.get("block_seconds", [])  # weight steps; width: the total over the blocks
@@ -136,6 +182,7 @@ def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str) -> 
         "total_s": round(seconds, 1),
         "seconds_per_block": round((sum(blocks) if blocks else seconds) / (len(blocks) or report.num_blocks), 2),
         "block_seconds": blocks,
+        **({"rss_highs": tracer.where[-6:]} if trace else {}),
     }
 
 
@@ -227,6 +274,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--device", default="auto")
+    p.add_argument("--trace-rss", action="store_true", help="record where the resident size reaches its highs")
     p = sub.add_parser("report", help="table, cost model and plot from a sweep's results.json")
     p.add_argument("--out", default="benchmarks/results/big_checkpoint")
     p = sub.add_parser("sweep")
@@ -241,7 +289,9 @@ def main() -> None:
     if args.command == "build":
         build(args.shape, Path(args.out))
     elif args.command == "prune":
-        print(json.dumps(prune(Path(args.model), args.method, args.nsamples, args.seqlen, args.device)))
+        print(
+            json.dumps(prune(Path(args.model), args.method, args.nsamples, args.seqlen, args.device, args.trace_rss))
+        )
     elif args.command == "report":
         rows = json.loads((Path(args.out) / "results.json").read_text())
         write_report(rows, sorted({r["method"] for r in rows}), Path(args.out))

@@ -322,8 +322,6 @@ class HFPruner:
                 "offload, cpu_offload) cannot be resumed yet (the snapshot would need the same dispatch); load it "
                 "on one device, or use onload: true."
             )
-        if distributed.active():
-            raise RecipeError("resume is not available under torchrun yet; run the prune in one process.")
         if work_dir is None and not self.recipe.output.dir:
             raise RecipeError("resume needs an output folder (the work folder lives beside it): set output.dir.")
         path = work_dir or work_folder_for(self.recipe.output.dir)

@@ -10,6 +10,11 @@ is bit-identical to an uninterrupted run (tested). A structural step (depth, wid
 at step granularity: when it finishes, the model as it left it is saved in the folder (``model-s{step}/``, a plain
 checkpoint) and a resume loads that instead of the original model; a kill inside a structural step runs that step
 again from its start. The folder is removed when the prune succeeds.
+
+Under torchrun every rank holds the same model and its own share of the calibration windows: rank 0 writes the
+block files, the snapshots and ``state.json``; every rank writes its own next-block inputs (``inputs-b{n}/rank{r}/``),
+and a commit's state is written only once every rank's inputs are in place (barriers). A resume needs the same number
+of ranks (it is in the fingerprint) and reads the same folder from every rank.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .errors import RecipeError
 from .report import StepReport
 from .utils import logger
@@ -40,8 +46,10 @@ def work_folder_for(output_dir: str | os.PathLike) -> Path:
 
 def fingerprint(recipe: dict, windows: torch.Tensor | None, model: nn.Module, placement: dict | None) -> str:
     """What a resumed run must share with the killed one: the recipe's steps and calibration, the calibration
-    windows, the model (config, parameter count, a digest of its embeddings) and where it ran."""
+    windows, the model (config, parameter count, a digest of its embeddings), where it ran and over how many ranks
+    (each rank's next-block inputs are its own share of the windows)."""
     digest = hashlib.sha256()
+    digest.update(f"ranks={distributed.world_size()}".encode())
     settings = {k: recipe.get(k) for k in ("model", "calibration", "steps")}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     if windows is not None:
@@ -72,7 +80,10 @@ class WorkFolder:
         another one, created otherwise."""
         folder = cls(Path(path), fingerprint_)
         state_file = folder.path / STATE
-        if state_file.exists():
+        existed = state_file.exists()
+        foreign = not existed and folder.path.exists() and any(folder.path.iterdir())
+        distributed.barrier()  # every rank has looked before rank 0 creates anything
+        if existed:
             state = json.loads(state_file.read_text())
             if state.get("fingerprint") != fingerprint_:
                 raise RecipeError(
@@ -88,12 +99,14 @@ class WorkFolder:
                 len(state["steps"]),
             )
         else:
-            if folder.path.exists() and any(folder.path.iterdir()):  # never adopt (and later delete) a user's folder
+            if foreign:  # never adopt (and later delete) a user's folder
                 raise RecipeError(
                     f"{folder.path} is not empty and holds no hf_prune work state; choose another work folder."
                 )
-            folder.path.mkdir(parents=True, exist_ok=True)
-            folder._write_state()
+            if distributed.is_main():
+                folder.path.mkdir(parents=True, exist_ok=True)
+                folder._write_state()
+            distributed.barrier()
         return folder
 
     # ------------------------------------------------------------------ reading
@@ -117,15 +130,17 @@ class WorkFolder:
         return self.state.get("partial") if step == self.state["step"] else None
 
     def inputs(self, block: int) -> list[torch.Tensor]:
-        folder = self.path / f"inputs-b{block}"
+        """This rank's calibration inputs of block ``block``, as the killed run committed them."""
+        folder = self.path / f"inputs-b{block}" / f"rank{distributed.rank()}"
         n = len(list(folder.glob("*.pt")))
         return [torch.load(folder / f"{j}.pt", weights_only=True) for j in range(n)]
 
     def plan(self, step: int, key: str, compute):
-        """A value step ``step`` decides before its walk (e.g. OWL's sparsities): computed once, then kept."""
+        """A value step ``step`` decides before its walk (e.g. OWL's sparsities): computed once, then kept; under
+        torchrun rank 0's value, for every rank (the free memory behind an automatic batch size differs by rank)."""
         plans = self.state["plan"].setdefault(str(step), {})
         if key not in plans:
-            plans[key] = compute()
+            plans[key] = distributed.all_gather_objects(compute())[0]
             self._write_state()
         return plans[key]
 
@@ -180,25 +195,36 @@ class WorkFolder:
     def commit_block(
         self, step: int, block: int, module: nn.Module, next_inputs: list[torch.Tensor] | None, partial: dict
     ) -> None:
-        """Block ``block`` of step ``step`` is done: its weights, the next block's inputs, then the state."""
-        tmp = self.path / f".s{step}-b{block}.tmp"
-        state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(tmp))
-        os.replace(tmp, self.path / f"s{step}-b{block}.safetensors")
+        """Block ``block`` of step ``step`` is done: its weights (rank 0), every rank's next-block inputs, then the
+        state (rank 0, once all are written)."""
+        main = distributed.is_main()
+        if main:
+            tmp = self.path / f".s{step}-b{block}.tmp"
+            state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(tmp))
+            os.replace(tmp, self.path / f"s{step}-b{block}.safetensors")
         if next_inputs is not None:
             folder = self.path / f"inputs-b{block + 1}"
             staging = self.path / f".inputs-b{block + 1}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir()
+            distributed.barrier()
+            mine = staging / f"rank{distributed.rank()}"
+            mine.mkdir()
             for j, x in enumerate(next_inputs):
-                torch.save(x.detach().to("cpu"), staging / f"{j}.pt")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(staging, folder)
+                torch.save(x.detach().to("cpu"), mine / f"{j}.pt")
+            distributed.barrier()  # every rank's inputs are staged
+            if main:
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(staging, folder)
         self.state.update(step=step, next_block=block + 1, partial=partial)
         self._write_state()
-        shutil.rmtree(self.path / f"inputs-b{block}", ignore_errors=True)
-        for older in range(step):  # superseded versions of this block
-            (self.path / f"s{older}-b{block}.safetensors").unlink(missing_ok=True)
+        if main:
+            shutil.rmtree(self.path / f"inputs-b{block}", ignore_errors=True)
+            for older in range(step):  # superseded versions of this block
+                (self.path / f"s{older}-b{block}.safetensors").unlink(missing_ok=True)
+        distributed.barrier()
 
     def commit_step(self, step: int, report: StepReport, pruning_config: dict, save_model=None) -> None:
         """Step ``step`` finished with ``report`` and records ``pruning_config``. A structural step (its shapes
@@ -206,17 +232,23 @@ class WorkFolder:
         state, then the superseded files go, so a kill leaves either the previous commit or this one."""
         steps = self.state["steps"][:step] + [{**dataclasses.asdict(report), "pruning_config": pruning_config}]
         if save_model is not None:
-            staging = self.path / f".model-s{step}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            save_model(staging)
-            shutil.rmtree(self.path / f"model-s{step}", ignore_errors=True)
-            os.replace(staging, self.path / f"model-s{step}")
+            if distributed.is_main():  # every rank holds the same model: one writes it
+                staging = self.path / f".model-s{step}.tmp"
+                shutil.rmtree(staging, ignore_errors=True)
+                save_model(staging)
+                shutil.rmtree(self.path / f"model-s{step}", ignore_errors=True)
+                os.replace(staging, self.path / f"model-s{step}")
             self.state["model_step"] = step
         self.state.update(step=step + 1, next_block=0, steps=steps, partial=None)
         self._write_state()
+        if distributed.is_main():
+            self._drop_superseded(step, snapshot=save_model is not None)
+        distributed.barrier()
+
+    def _drop_superseded(self, step: int, snapshot: bool) -> None:
         for folder in self.path.glob("inputs-b*"):
             shutil.rmtree(folder, ignore_errors=True)
-        if save_model is not None:  # every block file and older snapshot is in this snapshot now
+        if snapshot:  # every block file and older snapshot is in this snapshot now
             for old in self.path.glob("s*-b*.safetensors"):
                 old.unlink(missing_ok=True)
             for old in self.path.glob("model-s*"):
@@ -224,9 +256,12 @@ class WorkFolder:
                     shutil.rmtree(old, ignore_errors=True)
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def _write_state(self) -> None:
+        if not distributed.is_main():  # every rank keeps the same state; rank 0 writes it
+            return
         tmp = self.path / f".{STATE}.tmp"
         tmp.write_text(json.dumps(self.state, default=str))
         os.replace(tmp, self.path / STATE)

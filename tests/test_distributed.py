@@ -106,6 +106,41 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_written(saved, tmp_path,
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 
 
+def test_a_killed_torchrun_prune_resumes_to_the_identical_result(saved, tmp_path, calib_file):
+    """Rank 0 dies right after its first block commit (inside the second step, after a structural first step);
+    the relaunched ranks continue from the work folder: every tensor equals an uninterrupted resumable run's."""
+    from safetensors.torch import load_file
+
+    from hf_prune.resume import work_folder_for
+
+    src = saved("llama")
+    steps = [{"method": "depth", "criterion": "angular", "num_blocks": 1}, {"method": "sparsegpt", "sparsity": 0.5}]
+
+    def recipe(out):
+        calibration = {"source": calib_file, "nsamples": 8, "seqlen": 64, "seed": 0}
+        return {"calibration": calibration, "steps": steps, "output": {"dir": str(out)}}
+
+    resumable = {"HF_PRUNE_TEST_RESUME": "1"}
+    ref = tmp_path / "ref"
+    assert torchrun(src, recipe(ref), ref, env=resumable).returncode == 0
+
+    out = tmp_path / "out"
+    killed = torchrun(src, recipe(out), out, env={**resumable, "HF_PRUNE_TEST_KILL_AFTER": "1"})
+    work = work_folder_for(out)
+    assert killed.returncode != 0 and not out.exists()
+    state = json.loads((work / "state.json").read_text())
+    assert (state["step"], state["next_block"]) == (1, 1) and (work / "model-s0").is_dir()
+    assert sorted(p.name for p in (work / "inputs-b1").iterdir()) == ["rank0", "rank1"]
+
+    resumed = torchrun(src, recipe(out), out, env=resumable)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr and not work.exists()
+    ours, theirs = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
 def test_balanced_assignment():
     from hf_prune.distributed import balanced_assignment
 

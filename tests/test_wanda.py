@@ -148,6 +148,7 @@ def test_the_mask_built_a_slab_of_rows_at_a_time_is_the_whole_matrix_mask(struct
     from hf_prune.calibration.stats import InputNormStats
     from hf_prune.methods.masks import parse_structure, select_mask
     from hf_prune.methods.wanda import method as wanda
+    from hf_prune.methods.wanda import scores
 
     torch.manual_seed(0)
     weight = torch.randn(37, 24).to(torch.bfloat16)
@@ -155,7 +156,7 @@ def test_the_mask_built_a_slab_of_rows_at_a_time_is_the_whole_matrix_mask(struct
     stats.update(torch.randn(50, 24))
     shape = parse_structure(structure)
     whole = select_mask(wanda_scores(weight, stats.norms), 0.5, shape, "row")
-    monkeypatch.setattr(wanda, "SCORE_ELEMENTS", 24 * 5)  # slabs of 5 rows, the last one shorter
+    monkeypatch.setattr(scores, "SCORE_ELEMENTS", 24 * 5)  # slabs of 5 rows, the last one shorter
     method = wanda.WandaMethod(wanda.WandaConfig(method="wanda", sparsity=0.5))
     _, slabbed = method.prune_weight(weight, stats, 0.5, shape, "w")
     assert torch.equal(slabbed, whole) and int(whole.sum()) == 37 * 12

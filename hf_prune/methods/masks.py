@@ -101,6 +101,15 @@ def expected_pruned(shape: tuple[int, int], sparsity: float, structure: Structur
     return rows * num_pruned(cols, sparsity)
 
 
+def row_slabs(shape: tuple[int, ...], elements: int):
+    """Slices of consecutive rows of a (rows, cols) matrix holding about ``elements`` entries each (at least one row):
+    work done a slab at a time keeps its temporaries that small whatever the matrix."""
+    rows, cols = shape[0], shape[1] if len(shape) > 1 else 1
+    step = max(1, elements // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of M-groups (along the input dimension) holding more than N non-zeros."""
     rows, cols = weight.shape

@@ -9,19 +9,38 @@ density (as in the paper's code), so block sparsities span at most 2*lambda and 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ..adapters import ModelAdapter, WeightRef
 from ..calibration.engine import BlockwiseEngine, hooks
 from ..calibration.stats import InputNormStats
 from .expert_calibration import ExpertStatistics
-from .wanda.scores import wanda_scores
+from .wanda.scores import wanda_score_slabs
 
 
-def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
-    """Fraction of all entries of ``scores`` (taken together) above ``m`` times their mean."""
-    flat = torch.cat([s.flatten().float() for s in scores])
-    return float((flat > m * flat.mean()).sum()) / flat.numel()
+def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
+    """Fraction of all entries of ``scores`` (taken together) above ``m`` times their mean. ``scores`` is read twice
+    (the mean, then the count), one tensor at a time: a list, or an iterable that makes each tensor as it is reached,
+    so a block's scores need never be in memory together."""
+    total, count = 0.0, 0
+    for s in scores:
+        total, count = total + float(s.sum(dtype=torch.float64)), count + s.numel()
+    threshold = m * total / max(count, 1)
+    return sum(int((s > threshold).sum()) for s in scores) / max(count, 1)
+
+
+class BlockScores:
+    """The Wanda scores of a block's targets, made a slab of rows at a time each time they are iterated."""
+
+    def __init__(self, refs: list[WeightRef], stats: dict[str, InputNormStats]):
+        self.refs, self.stats = refs, stats
+
+    def __iter__(self):
+        for ref in self.refs:
+            for _, scores in wanda_score_slabs(ref.weight(), self.stats[ref.name].norms):
+                yield scores
 
 
 def owl_sparsities(ratios: list[float], target: float, lam: float) -> list[float]:
@@ -73,6 +92,5 @@ def measure_outlier_ratios(
                 step.info["outputs"] = step.forward()
         for s in stats.values():
             s.all_reduce()
-        scores = [wanda_scores(r.weight().float(), stats[r.name].norms) for r in refs]
-        ratios[step.index] = outlier_ratio(scores, m)
+        ratios[step.index] = outlier_ratio(BlockScores(refs, stats), m)
     return ratios

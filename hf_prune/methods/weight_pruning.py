@@ -27,7 +27,7 @@ from ..utils import logger
 from .base import PruningMethod, StepConfig
 from .context import PruneContext
 from .expert_calibration import ExpertStatistics
-from .masks import Structure, expected_pruned, nm_violations, parse_structure
+from .masks import Structure, expected_pruned, nm_violations, parse_structure, row_slabs
 from .reconstruction import ReconstructConfig, parse_reconstruct, reconstruct_block
 from .targets import Coverage, select_targets
 
@@ -623,14 +623,34 @@ class WeightPruningMethod(PruningMethod):
         return verify_pruned(ref, weight, mask, sparsity, structure, self.comparison_group)
 
 
+CHECK_ELEMENTS = 1 << 22  # the checks read a slab of rows at a time: a few MiB of temporaries for any matrix
+
+
+def _pattern_counts(weight: torch.Tensor, mask: torch.Tensor, structure: Structure) -> dict[str, int]:
+    """One pass over slabs of rows: entries under ``mask``, non-zeros among them, zeros, non-finite values and
+    N:M groups with too many non-zeros."""
+    counts = dict.fromkeys(("masked", "masked_nonzero", "zeros", "non_finite", "nm_violations"), 0)
+    for rows in row_slabs(tuple(weight.shape), CHECK_ELEMENTS):
+        w, m = weight[rows], mask[rows]
+        nonzero = w != 0
+        counts["masked"] += int(m.sum())
+        counts["masked_nonzero"] += int((nonzero & m).sum())
+        counts["zeros"] += w.numel() - int(nonzero.sum())
+        counts["non_finite"] += w.numel() - int(torch.isfinite(w).sum())
+        if structure.is_nm:
+            counts["nm_violations"] += nm_violations(w, structure.n, structure.m)
+    return counts
+
+
 def verify_refit(ref: WeightRef, weight: torch.Tensor, zeros: torch.Tensor, structure: Structure) -> None:
     """The checks after reconstruction: every zero the masking left is still zero (so the pruned count and the N:M
     pattern are unchanged), finite values."""
-    if bool((weight[zeros] != 0).any()):
+    counts = _pattern_counts(weight, zeros, structure)
+    if counts["masked_nonzero"]:
         raise PruningCheckError(f"{ref.name}: reconstruction changed the pruned pattern; nothing will be saved.")
-    if not bool(torch.isfinite(weight).all()):
+    if counts["non_finite"]:
         raise PruningCheckError(f"{ref.name}: NaN or inf after reconstruction; nothing will be saved.")
-    if structure.is_nm and nm_violations(weight, structure.n, structure.m):
+    if counts["nm_violations"]:
         raise PruningCheckError(f"{ref.name}: the {structure} pattern does not hold after reconstruction.")
 
 
@@ -639,14 +659,14 @@ def verify_pruned(
 ) -> ModuleReport:
     """The checks after pruning one target: exact pruned count, zeros where the mask says, N:M, finite values."""
     expected = expected_pruned(tuple(weight.shape), sparsity, structure, group)
-    pruned = int(mask.sum())
+    counts = _pattern_counts(weight, mask, structure)
+    pruned = counts["masked"]
     if pruned != expected:
         raise PruningCheckError(f"{ref.name}: the mask prunes {pruned} weights, expected exactly {expected}.")
-    if bool((weight[mask] != 0).any()):
+    if counts["masked_nonzero"]:
         raise PruningCheckError(f"{ref.name}: weights under the mask are not zero after pruning.")
-    if not bool(torch.isfinite(weight).all()):
+    if counts["non_finite"]:
         raise PruningCheckError(f"{ref.name}: NaN or inf in the pruned weight; nothing will be saved.")
-    if structure.is_nm and nm_violations(weight, structure.n, structure.m):
+    if counts["nm_violations"]:
         raise PruningCheckError(f"{ref.name}: the {structure} pattern does not hold after pruning.")
-    measured = float((weight == 0).sum()) / weight.numel()
-    return ModuleReport(ref.name, ref.role, tuple(weight.shape), sparsity, measured, pruned)
+    return ModuleReport(ref.name, ref.role, tuple(weight.shape), sparsity, counts["zeros"] / weight.numel(), pruned)

@@ -10,7 +10,7 @@ from ...adapters import WeightRef
 from ...calibration.stats import InputNormStats
 from ..masks import Structure, select_mask
 from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
-from .scores import wanda_scores
+from .scores import wanda_score_slabs
 
 
 @dataclass
@@ -29,9 +29,6 @@ class WandaConfig(WeightPruningConfig):
     method: str = "wanda"
 
 
-SCORE_ELEMENTS = 1 << 24  # scores computed per slab of rows: 64 MiB of float32
-
-
 class WandaMethod(WeightPruningMethod):
     """Wanda: |W| * ||X|| per input channel, compared per output row as in the paper."""
 
@@ -47,8 +44,6 @@ class WandaMethod(WeightPruningMethod):
         """Rows are compared on their own, so the mask is built a slab of rows at a time: the float32 scores and
         the selection's indices of a 14336 x 4096 matrix would otherwise be ~0.5 GiB beside it."""
         mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-        norms, step = stats.norms, max(1, SCORE_ELEMENTS // weight.shape[1])
-        for r in range(0, weight.shape[0], step):
-            scores = wanda_scores(weight[r : r + step].float(), norms)
-            mask[r : r + step] = select_mask(scores, sparsity, structure, "row")
+        for rows, scores in wanda_score_slabs(weight, stats.norms):
+            mask[rows] = select_mask(scores, sparsity, structure, "row")
         return None, mask
