@@ -208,8 +208,9 @@ class HFPruner:
             resume: keep a work folder (``.NAME.work`` beside the output folder, or ``work_dir``) with every finished
                 block, and continue from it when it holds a killed prune of the same recipe, calibration and model
                 (another one is refused). The result is bit-identical to an uninterrupted run; the folder is removed
-                once the pruned model is saved. Weight-pruning recipes (magnitude, Wanda, SparseGPT, OWL,
-                reconstruction), in one process.
+                once the pruned model is saved. Weight-pruning steps (magnitude, Wanda, SparseGPT, OWL,
+                reconstruction) resume from their last finished block; depth, uniform width, expert removal and
+                shrink from their last finished step; in one process or under torchrun (the same number of ranks).
             work_dir: where that work folder lives (default: beside the recipe's ``output.dir``).
         """
         recipe = self.recipe
