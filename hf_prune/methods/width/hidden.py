@@ -23,8 +23,9 @@ from ...errors import UnsupportedModelError
 from ...surgery import materialized_state_dict
 from .scores import ChannelStats, refit_kept_columns
 
-READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up")  # read the stream (through a norm): their input columns go
-WRITERS = ("o", "down")  # write into the stream: their output rows go
+# block linears (by role) that read the stream through a norm (their input columns go) or write into it (output rows)
+READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "shared_gate", "shared_up", "router")
+WRITERS = ("o", "down", "shared_down")
 
 
 @dataclass
@@ -32,13 +33,15 @@ class StreamSites:
     """Where the stream's ``width`` channels live. ``cut``: state-dict key -> the dimension holding them (embeddings,
     head, norms, readers' inputs, writers' outputs and biases). ``norms``: every norm over the stream (module name ->
     1 when it multiplies by ``1 + weight`` as Gemma's do, else 0). ``writers``: module names of the block linears
-    that write into the stream. ``embedding_scale``: the ratio by which the family's embedding scale changes with
-    the narrower ``hidden_size`` (1.0 for most families)."""
+    that write into the stream. ``moe_readers``: MoE module name -> its fused expert and router tensors that read the
+    stream (state-dict key, the stream's dimension). ``embedding_scale``: the ratio by which the family's embedding
+    scale changes with the narrower ``hidden_size`` (1.0 for most families)."""
 
     width: int
     cut: dict[str, int] = field(default_factory=dict)
     norms: dict[str, int] = field(default_factory=dict)
     writers: list[str] = field(default_factory=list)
+    moe_readers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     embedding_scale: float = 1.0
 
 
@@ -85,6 +88,8 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -
                 if ref.module.bias is not None:
                     sites.cut[f"{ref.name}.bias"] = 0
                 sites.writers.append(ref.name)
+        if adapter.moe_spec(i) is not None:
+            _moe_sites(sites, adapter, i, names[id(adapter.blocks[i])])
     state = None  # read from the offload's weights map only if a norm is offloaded
     for module in norm_modules:
         name = names[id(module)]
@@ -101,7 +106,34 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -
         for leaf, _ in module.named_parameters(recurse=False):
             sites.cut[f"{name}.{leaf}"] = 0
     sites.embedding_scale = _embedding_scale_ratio(model, narrowed)
+    if sites.moe_readers and sites.embedding_scale != 1.0:
+        raise UnsupportedModelError(
+            "width.hidden: this mixture of experts scales its embeddings by hidden_size, and the fused experts' "
+            "outputs cannot be rescaled with the stream yet; use mlp / heads."
+        )
     return sites
+
+
+def _moe_sites(sites: StreamSites, adapter: ModelAdapter, index: int, block_name: str) -> None:
+    """The fused routed experts of MoE block ``index`` read the stream through their first matrix (gate_up or up)
+    and write it through ``down`` (and its bias); the router reads it. Shared experts are block linears (roles)."""
+    spec = adapter.moe_spec(index)
+    layout, experts = spec.layout, f"{block_name}.{spec.experts}"
+    reads, writes = (1, 2) if layout.transposed else (2, 1)  # (E, in, out) with transposed, else (E, out, in)
+    moe = experts.rpartition(".")[0]
+    readers = sites.moe_readers.setdefault(moe, [])
+    for leaf in (layout.gate_up, layout.up):
+        if leaf is not None:
+            sites.cut[f"{experts}.{leaf}"] = reads
+            readers.append((f"{experts}.{leaf}", reads))
+    sites.cut[f"{experts}.{layout.down}"] = writes
+    if layout.down_bias is not None:
+        sites.cut[f"{experts}.{layout.down_bias}"] = 1
+    router = get_submodule(adapter.blocks[index], spec.router)
+    weight = getattr(router, "weight", None)
+    if weight is not None and weight.dim() == 2 and weight.shape[1] == sites.width:
+        sites.cut[f"{block_name}.{spec.router}.weight"] = 1
+        readers.append((f"{block_name}.{spec.router}.weight", 1))
 
 
 @torch.no_grad()
@@ -162,6 +194,8 @@ class StreamRecorder:
                 handles.append(module.register_forward_hook(lambda m, a, out, n=name: self._norm(n, a[0], out)))
             elif name in self.sites.writers:
                 handles.append(module.register_forward_hook(lambda m, a, out, n=name: self._writer(n, out)))
+            elif name in self.sites.moe_readers:
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._moe_reader(n, m, a[0])))
         for name, module in readers.items():
             hook = lambda m, a, n=name: self._reader(n, m, a[0])  # noqa: E731
             handles.append(module.register_forward_pre_hook(hook))
@@ -201,6 +235,24 @@ class StreamRecorder:
                 self._readers_seen.add(name)
                 self.reader_norm[name] = norm
                 return
+
+    def _moe_reader(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """An MoE module reading a norm's output: its experts' and router's squared column norms over the stream
+        (each expert's matrix on its own: no float32 copy of a whole fused tensor), added to that norm's readers."""
+        norm = next((n for n, y in self._last_norm_output.items() if x is y), None)
+        if norm is None or name in self._readers_seen:
+            return
+        columns = torch.zeros(self.sites.width, dtype=torch.float64)
+        for key, dim in self.sites.moe_readers[name]:
+            tensor = module.get_parameter(key[len(name) + 1 :]).detach()
+            if tensor.dim() == 2:  # the router (E, H)
+                columns += tensor.float().pow(2).sum(0).double().cpu()
+                continue
+            for expert in tensor:  # (out, H) or (H, out): dim - 1 is the stream's dimension of one expert
+                columns += expert.float().pow(2).sum(2 - dim).double().cpu()
+        previous = self.reader_columns.get(norm)
+        self.reader_columns[norm] = columns if previous is None else previous.cpu() + columns
+        self._readers_seen.add(name)
 
     def release(self) -> None:
         """After a block: drop the references to its activations; its read norms' second moments go to host memory

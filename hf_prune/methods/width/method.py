@@ -46,7 +46,8 @@ class WidthConfig(StepConfig):
         hidden: fraction of the hidden (residual-stream) channels to remove everywhere they live (Minitron's
             embedding channels): embeddings, head (tied embeddings stay tied), every norm, every projection that
             reads or writes the stream; ranked by the criterion over the norms' outputs, each norm rescaled for the
-            channels it loses. Saved as the family's own class with a smaller ``hidden_size`` (explicit head_dim).
+            channels it loses; in a mixture of experts also every routed expert's fused matrices, the routers and
+            the shared experts. Saved as the family's own class with a smaller ``hidden_size`` (explicit head_dim).
         criterion: ``fluctuation`` (FLAP: variance of the channel times the squared norm of the column that reads
             it), ``activation`` (Minitron: mean |activation| of the neuron / head output) or ``magnitude`` (norm of
             that column; no data).
@@ -227,9 +228,11 @@ class WidthMethod(PruningMethod):
         problem = X.unsupported_experts(self.adapter)
         if problem:
             raise UnsupportedModelError(f"width: {family}: {problem}; remove whole experts with {{method: experts}}.")
-        for key, why in (("hidden", "hidden channels of a mixture of experts"), ("per_block", "per-block widths")):
-            if getattr(c, key):
-                raise UnsupportedModelError(f"width.{key}: {why} are not supported yet ({family}); use mlp / heads.")
+        if c.per_block:
+            raise UnsupportedModelError(
+                f"width.per_block: per-block widths of a mixture of experts are not supported yet ({family}); use a "
+                "uniform width."
+            )
         if c.mlp and c.compensate == "bias":
             raise RecipeError(
                 "width.compensate: bias is not available for expert widths; use least_squares (default) or none."
