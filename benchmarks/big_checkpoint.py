@@ -112,7 +112,7 @@ class PeakTracer:
     def __init__(self, interval: float = 0.005):
         import threading
 
-        self.interval, self.peak, self.where = interval, 0, []
+        self.interval, self.peak, self.where, self.timeline = interval, 0, [], []
         self.main = threading.main_thread().ident
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -125,8 +125,12 @@ class PeakTracer:
     def _run(self) -> None:
         import traceback
 
+        ticks = 0
         while not self.stop.wait(self.interval):
             now = self.rss()
+            ticks += 1
+            if ticks % max(1, int(2.0 / self.interval)) == 0:  # the resident size every 2 s: creep shows here
+                self.timeline.append(round(now / 2**30, 3))
             if now > self.peak + (16 << 20) or (now > self.peak and not self.where):
                 self.peak = now
                 frame = sys._current_frames().get(self.main)
@@ -182,7 +186,7 @@ def prune(model: Path, method: str, nsamples: int, seqlen: int, device: str, tra
         "total_s": round(seconds, 1),
         "seconds_per_block": round((sum(blocks) if blocks else seconds) / (len(blocks) or report.num_blocks), 2),
         "block_seconds": blocks,
-        **({"rss_highs": tracer.where[-6:]} if trace else {}),
+        **({"rss_highs": tracer.where[-6:], "rss_every_2s_gib": tracer.timeline} if trace else {}),
     }
 
 

@@ -11,10 +11,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .errors import HFPruneError, OutputExistsError, PruningCheckError
+from .utils import all_finite
 
 # A Hub repo id: "name" or "owner/name", letters, digits, '-', '_', '.' (no path syntax).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -184,7 +184,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool, protected: lis
 
 def assert_finite_parameters(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.device.type != "meta" and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        if p.device.type != "meta" and p.is_floating_point() and not all_finite(p):
             raise PruningCheckError(f"{name} holds NaN or inf values; the model is not saved.")
 
 

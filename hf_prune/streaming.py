@@ -33,7 +33,7 @@ from .recipe import Recipe
 from .registry import get_method
 from .report import PruningReport
 from .resume import WorkFolder, fingerprint, work_folder_for
-from .utils import logger, peak_rss_bytes
+from .utils import all_finite, logger, peak_rss_bytes
 from .version import __version__
 
 STREAMABLE = ("magnitude", "wanda", "sparsegpt", "width")
@@ -157,6 +157,25 @@ def _materialize_outside_blocks(model: nn.Module, adapter: ModelAdapter, ckpt: S
         raise HFPruneError(f"Streaming could not find {still_meta[:3]} in the checkpoint ({missing_in_ckpt[:3]}).")
 
 
+HEAP_MMAP_THRESHOLD = 4 << 20  # allocations from 4 MiB up get their own mapping, returned to the OS when freed
+
+
+def bound_heap_growth() -> None:
+    """Keep glibc from holding freed memory in its heap. By default glibc raises its mmap threshold to the size of
+    every large chunk freed (up to 32 MiB), so from the first block on the big temporaries of pruning (scores, masks,
+    checks) come from the heap and stay resident after they are freed; a fixed threshold gives each its own mapping,
+    unmapped when freed (measured on a Llama-3.2-1B-shape streaming Wanda prune: peak RSS 0.89 -> 0.73 GB, same
+    time). A process-wide allocator setting, made once; a no-op outside glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (setting it turns the dynamic threshold off)
+        libc.mallopt(-1, 2 * HEAP_MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: free heap tops above this go back at once
+    except (OSError, AttributeError):
+        pass
+
+
 def release_freed_memory() -> None:
     """Hand the freed block back to the OS (glibc keeps large freed chunks in its heap, so without this the resident
     size grows block after block)."""
@@ -278,7 +297,7 @@ class StreamingBlocks:
         state = {prefix + k: v.detach().to("cpu").contiguous() for k, v in local.items()}
         state = {k: v.contiguous() for k, v in to_checkpoint_layout(self.adapter.model, state).items()}
         for name, value in state.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if value.is_floating_point() and not all_finite(value):
                 raise PruningCheckError(f"{name} holds NaN or inf after pruning; nothing is saved.")
         save_file(state, str(self.out / self.shard_name(i)), metadata={"format": "pt"})
         self.written[i] = list(state)
@@ -384,6 +403,7 @@ def prune_streaming(
     config = AutoConfig.from_pretrained(folder)
     from accelerate import init_empty_weights
 
+    bound_heap_growth()
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) built for real
         model = AutoModelForCausalLM.from_config(config)
     model.eval()

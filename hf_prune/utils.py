@@ -96,3 +96,10 @@ def human_bytes(n: float) -> str:
 def cache_dir() -> str:
     """Where hf_prune keeps converted packaged models: $HF_PRUNE_CACHE, else ~/.cache/hf_prune."""
     return os.environ.get("HF_PRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_prune"))
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or inf in ``tensor``, checked ``chunk`` elements at a time (the check's boolean temporary stays a few
+    MiB however big the tensor)."""
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))

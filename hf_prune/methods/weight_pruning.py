@@ -636,7 +636,7 @@ def _pattern_counts(weight: torch.Tensor, mask: torch.Tensor, structure: Structu
         counts["masked"] += int(m.sum())
         counts["masked_nonzero"] += int((nonzero & m).sum())
         counts["zeros"] += w.numel() - int(nonzero.sum())
-        counts["non_finite"] += w.numel() - int(torch.isfinite(w).sum())
+        counts["non_finite"] += w.numel() - int(torch.isfinite(w).sum())  # a slab: a small temporary
         if structure.is_nm:
             counts["nm_violations"] += nm_violations(w, structure.n, structure.m)
     return counts
