@@ -212,6 +212,18 @@ def sweep(args: argparse.Namespace) -> None:
     write_report(rows, args.methods, out)
 
 
+def record(row: dict, shape: str, out: Path) -> None:
+    """Put one measured row into ``out``'s results (replacing the same shape and method's) and rewrite the report."""
+    row = {k: v for k, v in row.items() if k not in ("rss_highs", "rss_every_2s_gib")}
+    row["shape"], row["block_params"] = shape, block_parameters(SHAPES[shape])
+    path = out / "results.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in rows if (r["shape"], r["method"]) != (shape, row["method"])] + [row]
+    path.write_text(json.dumps(rows, indent=2))
+    write_report(rows, sorted({r["method"] for r in rows}), out)
+
+
 def write_report(rows: list[dict], methods: list[str], out: Path) -> None:
     """The table, the cost model and its 70B prediction, and the plot, from the measured rows."""
     lines = [
@@ -279,6 +291,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--trace-rss", action="store_true", help="record where the resident size reaches its highs")
+    p.add_argument("--record", metavar="DIR", help="replace this shape and method's row of DIR/results.json, rewrite")
+    p.add_argument("--shape", choices=[s for s in SHAPES if s != "llama3-70b"], help="the shape (with --record)")
     p = sub.add_parser("report", help="table, cost model and plot from a sweep's results.json")
     p.add_argument("--out", default="benchmarks/results/big_checkpoint")
     p = sub.add_parser("sweep")
@@ -293,9 +307,12 @@ def main() -> None:
     if args.command == "build":
         build(args.shape, Path(args.out))
     elif args.command == "prune":
-        print(
-            json.dumps(prune(Path(args.model), args.method, args.nsamples, args.seqlen, args.device, args.trace_rss))
-        )
+        if args.record and not args.shape:
+            parser.error("--record needs --shape (the row's key)")
+        row = prune(Path(args.model), args.method, args.nsamples, args.seqlen, args.device, args.trace_rss)
+        print(json.dumps(row))
+        if args.record:
+            record(row, args.shape, Path(args.record))
     elif args.command == "report":
         rows = json.loads((Path(args.out) / "results.json").read_text())
         write_report(rows, sorted({r["method"] for r in rows}), Path(args.out))
