@@ -55,8 +55,9 @@ def block_parameters(shape: dict) -> int:
     return h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
 
 
-def build(shape_name: str, out: Path, seed: int = 0) -> Path:
-    """Write the checkpoint block by block: each tensor is made, written and dropped (peak: one block)."""
+def build(shape_name: str, out: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """Write the checkpoint block by block: each tensor is made, written and dropped (peak: one block). ``layers``:
+    fewer blocks of the same shapes (a per-block measurement of a method too slow for the whole model here)."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
@@ -68,7 +69,8 @@ def build(shape_name: str, out: Path, seed: int = 0) -> Path:
         return out
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPES[shape_name], max_position_embeddings=8192, dtype="bfloat16")
+    shape = {**SHAPES[shape_name], **({"num_hidden_layers": layers} if layers else {})}
+    config = LlamaConfig(**shape, max_position_embeddings=8192, dtype="bfloat16")
     with init_empty_weights():
         skeleton = LlamaForCausalLM(config)
     names = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -284,6 +286,7 @@ def main() -> None:
     p = sub.add_parser("build")
     p.add_argument("--shape", choices=[s for s in SHAPES if s != "llama3-70b"], required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--layers", type=int, help="only this many blocks (same shapes): per-block measurements")
     p = sub.add_parser("prune")
     p.add_argument("--model", required=True)
     p.add_argument("--method", choices=list(STEPS), default="wanda")
@@ -305,7 +308,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/big_checkpoint")
     args = parser.parse_args()
     if args.command == "build":
-        build(args.shape, Path(args.out))
+        build(args.shape, Path(args.out), layers=args.layers)
     elif args.command == "prune":
         if args.record and not args.shape:
             parser.error("--record needs --shape (the row's key)")

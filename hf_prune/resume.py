@@ -62,7 +62,9 @@ def fingerprint(recipe: dict, windows: torch.Tensor | None, model: nn.Module, pl
     if emb.device.type != "meta":
         digest.update(emb.detach()[:64].float().cpu().numpy().tobytes())
     if placement:
-        digest.update(json.dumps({k: placement[k] for k in ("device", "storage_dtype", "compute_dtype")}).encode())
+        where = {k: placement[k] for k in ("storage_dtype", "compute_dtype")}
+        where["device"] = torch.device(placement["device"]).type  # the kind, not the index (each rank its own GPU)
+        digest.update(json.dumps(where).encode())
     return digest.hexdigest()
 
 
@@ -81,10 +83,22 @@ class WorkFolder:
         folder = cls(Path(path), fingerprint_)
         state_file = folder.path / STATE
         existed = state_file.exists()
+        state = json.loads(state_file.read_text()) if existed else None
         foreign = not existed and folder.path.exists() and any(folder.path.iterdir())
-        distributed.barrier()  # every rank has looked before rank 0 creates anything
+        # every rank looks before rank 0 creates anything, and all reach the same verdict (a rank that raised alone
+        # would leave the others waiting in the next collective)
+        looks = distributed.all_gather_objects((fingerprint_, existed, foreign))
+        if len({look[0] for look in looks}) > 1:
+            raise RecipeError(
+                "resume: the ranks describe different prunes (their recipe, calibration windows or model differ); "
+                "launch every rank with the same arguments."
+            )
+        if len({look[1] for look in looks}) > 1:
+            raise RecipeError(
+                f"resume: {folder.path} does not look the same from every rank; the work folder must be on a "
+                "filesystem all ranks share (set output.dir, or work_dir, there)."
+            )
         if existed:
-            state = json.loads(state_file.read_text())
             if state.get("fingerprint") != fingerprint_:
                 raise RecipeError(
                     f"{folder.path} holds a prune with other settings (recipe, calibration or model differ), so it "
@@ -99,14 +113,18 @@ class WorkFolder:
                 len(state["steps"]),
             )
         else:
-            if foreign:  # never adopt (and later delete) a user's folder
+            if any(look[2] for look in looks):  # never adopt (and later delete) a user's folder
                 raise RecipeError(
                     f"{folder.path} is not empty and holds no hf_prune work state; choose another work folder."
                 )
             if distributed.is_main():
                 folder.path.mkdir(parents=True, exist_ok=True)
                 folder._write_state()
-            distributed.barrier()
+            if not all(distributed.all_gather_objects(state_file.exists())):
+                raise RecipeError(
+                    f"resume: {folder.path}, created by rank 0, is not visible from every rank; the work folder "
+                    "must be on a filesystem all ranks share (set output.dir, or work_dir, there)."
+                )
         return folder
 
     # ------------------------------------------------------------------ reading
@@ -135,12 +153,13 @@ class WorkFolder:
         n = len(list(folder.glob("*.pt")))
         return [torch.load(folder / f"{j}.pt", weights_only=True) for j in range(n)]
 
-    def plan(self, step: int, key: str, compute):
-        """A value step ``step`` decides before its walk (e.g. OWL's sparsities): computed once, then kept; under
-        torchrun rank 0's value, for every rank (the free memory behind an automatic batch size differs by rank)."""
+    def plan(self, step: int, key: str, compute, agree=None):
+        """A value step ``step`` decides before its walk (e.g. OWL's sparsities): computed once, then kept. Under
+        torchrun every rank keeps the same value: ``agree(values of every rank)`` (default: rank 0's)."""
         plans = self.state["plan"].setdefault(str(step), {})
         if key not in plans:
-            plans[key] = distributed.all_gather_objects(compute())[0]
+            values = distributed.all_gather_objects(compute())
+            plans[key] = agree(values) if agree is not None else values[0]
             self._write_state()
         return plans[key]
 
@@ -177,7 +196,8 @@ class WorkFolder:
         if ctx.uses_images() or ctx.calibration.batch_size:
             return
         n, seqlen = ctx.rank_ids().shape[0], ctx.calibration_ids().shape[1]
-        size = self.plan(-1, "batch_size", lambda: auto_batch_size(model, n, seqlen, device=device))
+        # the smallest rank's: free memory differs by rank, and every rank must split its windows alike
+        size = self.plan(-1, "batch_size", lambda: auto_batch_size(model, n, seqlen, device=device), agree=min)
         ctx.calibration = dataclasses.replace(ctx.calibration, batch_size=int(size))
 
     def _latest_block_file(self, block: int) -> Path | None:

@@ -165,7 +165,10 @@ def bound_heap_growth() -> None:
     every large chunk freed (up to 32 MiB), so from the first block on the big temporaries of pruning (scores, masks,
     checks) come from the heap and stay resident after they are freed; a fixed threshold gives each its own mapping,
     unmapped when freed (measured on a Llama-3.2-1B-shape streaming Wanda prune: peak RSS 0.89 -> 0.73 GB, same
-    time). A process-wide allocator setting, made once; a no-op outside glibc."""
+    time). A process-wide allocator setting (it stays for the rest of the process), made once and logged; left alone
+    when the user set glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_; a no-op outside glibc."""
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return
     try:
         import ctypes
 
@@ -173,7 +176,8 @@ def bound_heap_growth() -> None:
         libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (setting it turns the dynamic threshold off)
         libc.mallopt(-1, 2 * HEAP_MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: free heap tops above this go back at once
     except (OSError, AttributeError):
-        pass
+        return
+    logger.info("streaming: glibc's mmap threshold fixed at %d MiB (freed temporaries leave memory).", 4)
 
 
 def release_freed_memory() -> None:

@@ -98,8 +98,18 @@ def cache_dir() -> str:
     return os.environ.get("HF_PRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_prune"))
 
 
-def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """No NaN or inf in ``tensor``, checked ``chunk`` elements at a time (the check's boolean temporary stays a few
-    MiB however big the tensor)."""
-    flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in a floating-point ``tensor``: its min and max propagate both, so one reduction answers
+    without a boolean temporary the size of the tensor (and with one device sync)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def count_zeros(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Entries of ``tensor`` equal to zero, counted ``chunk`` at a time (on a GPU ``count_nonzero`` builds a boolean
+    copy of its input: a fused expert tensor's would be GBs)."""
+    flat = tensor.detach().reshape(-1) if tensor.is_contiguous() else tensor.detach().flatten()
+    nonzero = sum(int(torch.count_nonzero(flat[i : i + chunk])) for i in range(0, flat.numel(), chunk))
+    return flat.numel() - nonzero

@@ -112,6 +112,11 @@ def row_slabs(shape: tuple[int, ...], elements: int):
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of M-groups (along the input dimension) holding more than N non-zeros."""
-    rows, cols = weight.shape
-    nonzero = (weight.reshape(rows, cols // m, m) != 0).sum(dim=2)
-    return int((nonzero > n).sum())
+    return int(dense_groups(weight != 0, n, m))
+
+
+def dense_groups(nonzero: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The count (a 0-d tensor on ``nonzero``'s device) of M-groups of a (rows, cols) non-zero pattern holding more
+    than N entries."""
+    rows, cols = nonzero.shape
+    return (nonzero.reshape(rows, cols // m, m).sum(dim=2) > n).sum()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from ..adapters import DEFAULT_EXCLUDED_ROLES, LINEAR_ROLES, ROUTER_ROLE, ModelAdapter, WeightRef
 from ..errors import RecipeError
+from ..utils import count_zeros
 
 
 def matches(ref: WeightRef, patterns: list[str]) -> bool:
@@ -89,7 +88,7 @@ class Coverage:
             w = ref.weight()
             if ref.name in self.chosen:
                 c["targeted"] += w.numel()
-                c["targeted_zeros"] += w.numel() - int(torch.count_nonzero(w))  # no temporary the size of w
+                c["targeted_zeros"] += count_zeros(w)
             else:
                 self._add(ref.name, ref.role, w.numel())
         prefix = adapter.block_name(index)
@@ -99,7 +98,7 @@ class Coverage:
             name = f"{prefix}.{local}"
             c["block_weight_tensors"] += 1
             c["block_weights"] += p.numel()
-            c["zeros"] += p.numel() - int(torch.count_nonzero(p))
+            c["zeros"] += count_zeros(p)
             if name not in reached:
                 self._add(name, _router_role(adapter, name), p.numel())
 

@@ -27,7 +27,7 @@ from ..utils import logger
 from .base import PruningMethod, StepConfig
 from .context import PruneContext
 from .expert_calibration import ExpertStatistics
-from .masks import Structure, expected_pruned, nm_violations, parse_structure, row_slabs
+from .masks import Structure, dense_groups, expected_pruned, parse_structure, row_slabs
 from .reconstruction import ReconstructConfig, parse_reconstruct, reconstruct_block
 from .targets import Coverage, select_targets
 
@@ -628,18 +628,19 @@ CHECK_ELEMENTS = 1 << 22  # the checks read a slab of rows at a time: a few MiB 
 
 def _pattern_counts(weight: torch.Tensor, mask: torch.Tensor, structure: Structure) -> dict[str, int]:
     """One pass over slabs of rows: entries under ``mask``, non-zeros among them, zeros, non-finite values and
-    N:M groups with too many non-zeros."""
-    counts = dict.fromkeys(("masked", "masked_nonzero", "zeros", "non_finite", "nm_violations"), 0)
+    N:M groups with too many non-zeros (summed on the weight's device, read back once)."""
+    names = ("masked", "masked_nonzero", "zeros", "non_finite", "nm_violations")
+    totals = torch.zeros(len(names), dtype=torch.int64, device=weight.device)
     for rows in row_slabs(tuple(weight.shape), CHECK_ELEMENTS):
         w, m = weight[rows], mask[rows]
         nonzero = w != 0
-        counts["masked"] += int(m.sum())
-        counts["masked_nonzero"] += int((nonzero & m).sum())
-        counts["zeros"] += w.numel() - int(nonzero.sum())
-        counts["non_finite"] += w.numel() - int(torch.isfinite(w).sum())  # a slab: a small temporary
+        totals[0] += m.sum()
+        totals[1] += (nonzero & m).sum()
+        totals[2] += w.numel() - nonzero.sum()
+        totals[3] += w.numel() - torch.isfinite(w).sum()
         if structure.is_nm:
-            counts["nm_violations"] += nm_violations(w, structure.n, structure.m)
-    return counts
+            totals[4] += dense_groups(nonzero, structure.n, structure.m)
+    return dict(zip(names, totals.tolist()))
 
 
 def verify_refit(ref: WeightRef, weight: torch.Tensor, zeros: torch.Tensor, structure: Structure) -> None:

@@ -183,6 +183,7 @@ class StreamRecorder:
         self.reader_columns: dict[str, torch.Tensor] = {}
         self.fed_by_writer: dict[str, str] = {}  # norm -> the writer whose output it takes
         self._readers_seen: set[str] = set()
+        self._readers: dict[str, nn.Module] = {}  # the walked block's reader linears
         self._last_norm_output: dict[str, torch.Tensor] = {}
         self._last_writer_output: dict[str, torch.Tensor] = {}
 
@@ -196,6 +197,7 @@ class StreamRecorder:
                 handles.append(module.register_forward_hook(lambda m, a, out, n=name: self._writer(n, out)))
             elif name in self.sites.moe_readers:
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._moe_reader(n, m, a[0])))
+        self._readers = readers
         for name, module in readers.items():
             hook = lambda m, a, n=name: self._reader(n, m, a[0])  # noqa: E731
             handles.append(module.register_forward_pre_hook(hook))
@@ -226,33 +228,43 @@ class StreamRecorder:
     def _reader(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         if name in self._readers_seen:
             return
-        for norm, y in self._last_norm_output.items():
-            if x is y:
-                weight = module.weight.t() if is_transposed(module) else module.weight
-                columns = weight.detach().float().pow(2).sum(0).double()
-                previous = self.reader_columns.get(norm)
-                self.reader_columns[norm] = columns if previous is None else previous + columns.to(previous.device)
-                self._readers_seen.add(name)
-                self.reader_norm[name] = norm
-                return
+        norm = next((n for n, y in self._last_norm_output.items() if x is y), None)
+        if norm is not None:
+            self._add_reader(norm, name, module)
+
+    def _add_reader(self, norm: str, name: str, module: nn.Module) -> None:
+        """Linear ``name`` reads ``norm``'s output: its squared column norms join that norm's, and its kept columns
+        may be refit on that norm's second moment."""
+        weight = module.weight.t() if is_transposed(module) else module.weight
+        columns = weight.detach().float().pow(2).sum(0).double()
+        previous = self.reader_columns.get(norm)
+        self.reader_columns[norm] = columns if previous is None else previous + columns.to(previous.device)
+        self._readers_seen.add(name)
+        self.reader_norm[name] = norm
 
     def _moe_reader(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         """An MoE module reading a norm's output: its experts' and router's squared column norms over the stream
-        (each expert's matrix on its own: no float32 copy of a whole fused tensor), added to that norm's readers."""
+        (each expert's matrix upcast on its own, summed on its device, one copy to the host), and its shared
+        experts' linears (they read a reshaped view of the same output, which the identity match misses)."""
         norm = next((n for n, y in self._last_norm_output.items() if x is y), None)
         if norm is None or name in self._readers_seen:
             return
-        columns = torch.zeros(self.sites.width, dtype=torch.float64)
+        columns = None
         for key, dim in self.sites.moe_readers[name]:
             tensor = module.get_parameter(key[len(name) + 1 :]).detach()
-            if tensor.dim() == 2:  # the router (E, H)
-                columns += tensor.float().pow(2).sum(0).double().cpu()
-                continue
-            for expert in tensor:  # (out, H) or (H, out): dim - 1 is the stream's dimension of one expert
-                columns += expert.float().pow(2).sum(2 - dim).double().cpu()
-        previous = self.reader_columns.get(norm)
-        self.reader_columns[norm] = columns if previous is None else previous.cpu() + columns
+            matrices = [tensor] if tensor.dim() == 2 else tensor  # the router (E, H), or one matrix per expert
+            axis = 0 if tensor.dim() == 2 else 2 - dim  # the axis of one matrix that is not the stream's
+            for matrix in matrices:
+                part = matrix.float().pow(2).sum(axis)
+                columns = part if columns is None else columns + part.to(columns.device)
+        if columns is not None:
+            columns = columns.double().cpu()
+            previous = self.reader_columns.get(norm)
+            self.reader_columns[norm] = columns if previous is None else previous.cpu() + columns
         self._readers_seen.add(name)
+        for reader, linear in self._readers.items():
+            if reader.startswith(name + ".") and reader not in self._readers_seen:
+                self._add_reader(norm, reader, linear)
 
     def release(self) -> None:
         """After a block: drop the references to its activations; its read norms' second moments go to host memory
