@@ -120,6 +120,7 @@ class WorkFolder:
             if distributed.is_main():
                 folder.path.mkdir(parents=True, exist_ok=True)
                 folder._write_state()
+            distributed.barrier()  # rank 0 has written the state before the others look for it
             if not all(distributed.all_gather_objects(state_file.exists())):
                 raise RecipeError(
                     f"resume: {folder.path}, created by rank 0, is not visible from every rank; the work folder "
