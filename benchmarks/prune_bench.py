@@ -66,6 +66,12 @@ for _pct in (10, 20, 30):
             _step["ppl_nsamples"] = 8
         CONFIGS[f"depth-{_name}-{_pct}"] = [_step]
 
+# Width on every axis (in MoE models mlp narrows every routed expert; hidden narrows the stream through them too).
+for _pct in (10, 20):
+    CONFIGS[f"width-hidden-{_pct}"] = [{"method": "width", "hidden": _pct / 100}]
+for _pct in (10, 25, 40):
+    CONFIGS[f"width-mlp-{_pct}"] = [{"method": "width", "mlp": _pct / 100}]
+
 
 # Block reconstruction: every weight-pruning setting of the grid again with ``reconstruct: true`` ("<name>-rec").
 for _method in ("magnitude", "wanda", "sparsegpt"):
