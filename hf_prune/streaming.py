@@ -169,26 +169,34 @@ def bound_heap_growth() -> None:
     when the user set glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_; a no-op outside glibc."""
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (setting it turns the dynamic threshold off)
+    libc.mallopt(-1, 2 * HEAP_MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: free heap tops above this go back at once
+    logger.info(
+        "streaming: glibc's mmap threshold fixed at %d MiB (freed temporaries leave memory).",
+        HEAP_MMAP_THRESHOLD >> 20,
+    )
+
+
+def _glibc():
+    """glibc's allocator controls (mallopt, malloc_trim), or None where the C library is another."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (setting it turns the dynamic threshold off)
-        libc.mallopt(-1, 2 * HEAP_MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: free heap tops above this go back at once
-    except (OSError, AttributeError):
-        return
-    logger.info("streaming: glibc's mmap threshold fixed at %d MiB (freed temporaries leave memory).", 4)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def release_freed_memory() -> None:
     """Hand the freed block back to the OS (glibc keeps large freed chunks in its heap, so without this the resident
     size grows block after block)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _untied_head_keys(model: nn.Module) -> set[str]:

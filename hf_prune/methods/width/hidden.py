@@ -225,10 +225,18 @@ class StreamRecorder:
     def _writer(self, name: str, out) -> None:
         self._last_writer_output[name] = out[0] if isinstance(out, tuple) else out
 
+    def _norm_read_by(self, x: torch.Tensor) -> str | None:
+        """The norm whose output ``x`` is (the identity of the tensor the block passed on), if any."""
+        return next((n for n, y in self._last_norm_output.items() if x is y), None)
+
+    def _add_columns(self, norm: str, columns: torch.Tensor) -> None:
+        previous = self.reader_columns.get(norm)
+        self.reader_columns[norm] = columns if previous is None else previous + columns.to(previous.device)
+
     def _reader(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         if name in self._readers_seen:
             return
-        norm = next((n for n, y in self._last_norm_output.items() if x is y), None)
+        norm = self._norm_read_by(x)
         if norm is not None:
             self._add_reader(norm, name, module)
 
@@ -236,9 +244,7 @@ class StreamRecorder:
         """Linear ``name`` reads ``norm``'s output: its squared column norms join that norm's, and its kept columns
         may be refit on that norm's second moment."""
         weight = module.weight.t() if is_transposed(module) else module.weight
-        columns = weight.detach().float().pow(2).sum(0).double()
-        previous = self.reader_columns.get(norm)
-        self.reader_columns[norm] = columns if previous is None else previous + columns.to(previous.device)
+        self._add_columns(norm, weight.detach().float().pow(2).sum(0).double())
         self._readers_seen.add(name)
         self.reader_norm[name] = norm
 
@@ -246,7 +252,7 @@ class StreamRecorder:
         """An MoE module reading a norm's output: its experts' and router's squared column norms over the stream
         (each expert's matrix upcast on its own, summed on its device, one copy to the host), and its shared
         experts' linears (they read a reshaped view of the same output, which the identity match misses)."""
-        norm = next((n for n, y in self._last_norm_output.items() if x is y), None)
+        norm = self._norm_read_by(x)
         if norm is None or name in self._readers_seen:
             return
         columns = None
@@ -258,9 +264,7 @@ class StreamRecorder:
                 part = matrix.float().pow(2).sum(axis)
                 columns = part if columns is None else columns + part.to(columns.device)
         if columns is not None:
-            columns = columns.double().cpu()
-            previous = self.reader_columns.get(norm)
-            self.reader_columns[norm] = columns if previous is None else previous.cpu() + columns
+            self._add_columns(norm, columns.double().cpu())
         self._readers_seen.add(name)
         for reader, linear in self._readers.items():
             if reader.startswith(name + ".") and reader not in self._readers_seen:
