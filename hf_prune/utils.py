@@ -108,8 +108,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def count_zeros(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
-    """Entries of ``tensor`` equal to zero, counted ``chunk`` at a time (on a GPU ``count_nonzero`` builds a boolean
-    copy of its input: a fused expert tensor's would be GBs)."""
-    flat = tensor.detach().reshape(-1) if tensor.is_contiguous() else tensor.detach().flatten()
-    nonzero = sum(int(torch.count_nonzero(flat[i : i + chunk])) for i in range(0, flat.numel(), chunk))
-    return flat.numel() - nonzero
+    """Entries of ``tensor`` equal to zero, counted over slices of its first dimension holding about ``chunk``
+    entries (on a GPU ``count_nonzero`` builds a boolean copy of its input: a fused expert tensor's would be GBs).
+    Slices are views, so a transposed weight is never copied."""
+    t = tensor.detach()
+    if t.dim() == 0:
+        return int(t == 0)
+    step = max(1, chunk // max(t.numel() // max(t.shape[0], 1), 1))  # entries per first-dimension slice
+    nonzero = sum(int(torch.count_nonzero(t[i : i + step])) for i in range(0, t.shape[0], step))
+    return t.numel() - nonzero
