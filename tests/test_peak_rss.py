@@ -20,3 +20,33 @@ def test_a_child_of_a_big_process_reports_its_own_peak():
     )
     del big
     assert int(child.stdout.split()[-1]) < 2**30
+
+
+SOLVE_IN_PLACE = """
+import torch
+from hf_prune.methods.sparsegpt.solver import inverse_cholesky_upper_
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+n = 3072
+g = torch.Generator().manual_seed(0)
+X = torch.randn(2 * n, n, generator=g)
+work = X.t() @ X / (2 * n)
+del X
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current resident size
+inverse_cholesky_upper_(work, 0.01)
+print(status("VmHWM:") - before, work.numel() * 4)
+"""
+
+
+def test_the_sparsegpt_solve_needs_no_second_hessian_sized_matrix():
+    """The factorisation, inverse and second factorisation run in the Hessian's own memory: the process's peak
+    resident size grows by far less than one n x n float32 matrix (each LAPACK call on a row-major matrix allocated
+    one: 3 x 0.8 GiB at a 14336-wide down projection)."""
+    child = subprocess.run([sys.executable, "-c", SOLVE_IN_PLACE], capture_output=True, text=True, check=True)
+    growth, matrix = map(int, child.stdout.split()[-2:])
+    assert growth < matrix // 4, (growth, matrix)

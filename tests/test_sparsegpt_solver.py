@@ -117,3 +117,78 @@ def test_hopeless_hessian_fails_with_actionable_error():
     H = torch.full((4, 4), float("nan"))
     with pytest.raises(DampeningError, match="degenerate"):
         sparsegpt_prune(torch.randn(2, 4), H, 0.5)
+
+
+def _rank_deficient_problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 32, generator=g)
+    H = 2.0 / 4 * X.t() @ X
+    H -= 1e-4 * torch.diag(H).mean() * torch.eye(32)
+    return torch.randn(8, 32, generator=g), H
+
+
+@pytest.mark.parametrize("file_bytes", [0, None])  # 0: the copy goes to a temporary file; None: a small clone
+def test_in_place_solve_retries_from_an_offloaded_copy(file_bytes):
+    """The in-place factorisation destroys H on a failed try; the offloaded copy refills it, so the tenfold retries
+    reach the same factor as the solve on a separate copy."""
+    from hf_prune.methods.sparsegpt.solver import inverse_cholesky_upper_
+    from hf_prune.utils import OffloadedCopy
+
+    _, H = _rank_deficient_problem()
+    expected, info = inverse_cholesky_upper(H, percdamp=1e-6)
+    work = H.clone()
+    with OffloadedCopy(work, file_bytes=file_bytes) as backup:
+        info_in_place = inverse_cholesky_upper_(work, 1e-6, backup.restore_into)
+    assert info_in_place.tries == info.tries and info.raised
+    assert torch.equal(work, expected)
+    with pytest.raises(DampeningError, match="not positive definite"):  # nothing to refill from: one try
+        inverse_cholesky_upper_(H.clone(), 1e-6)
+
+
+def test_offloaded_copy_round_trips_any_dtype_through_a_file(tmp_path, monkeypatch):
+    from hf_prune.utils import OffloadedCopy
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    t = torch.randn(33, 17).to(torch.bfloat16)
+    copy = OffloadedCopy(t, file_bytes=0)
+    assert len(list(tmp_path.iterdir())) == 1
+    original = t.clone()
+    t.fill_(0)
+    copy.restore_into(t)
+    assert torch.equal(t, original)
+    target = torch.zeros(17, 33, dtype=torch.bfloat16).t()  # not contiguous
+    copy.restore_into(target)
+    assert torch.equal(target, original)
+    with pytest.raises(ValueError, match="cannot restore"):
+        copy.restore_into(torch.zeros(3))
+    copy.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_targets_reading_one_input_share_one_factor_made_in_the_hessians_memory():
+    """q/k/v (or gate/up) read one input, so they share one HessianStats: the factor is computed once, in the
+    statistics' own H (no second n x n matrix), and each target's result equals the solve on a copy of H."""
+    from hf_prune.calibration.stats import HessianStats
+    from hf_prune.methods.sparsegpt.method import SparseGPTConfig, SparseGPTMethod
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(256, 32, generator=g)
+    stats = HessianStats(32, torch.device("cpu"))
+    stats.update(X)
+    H = stats.H.clone()
+    storage = stats.H.data_ptr()
+    method = SparseGPTMethod(SparseGPTConfig(sparsity=0.5, blocksize=8))
+    weights = [torch.randn(8, 32, generator=g) for _ in range(3)]
+    for i, w in enumerate(weights):
+        new_w, mask = method.prune_weight(w, stats, 0.5, Structure(), f"q{i}")
+        ref_w, ref_mask, _ = sparsegpt_prune(w, H, 0.5, blocksize=8)
+        assert torch.equal(mask, ref_mask) and torch.equal(new_w, ref_w)
+    assert stats.H is None and len(method._factors) == 1
+    assert method._factors[stats][0].data_ptr() == storage  # the factor lives in the Hessian's memory
+    with pytest.raises(RuntimeError, match="handed to a solver"):
+        stats.update(X)
+    del stats
+    assert len(method._factors) == 0  # freed with its statistics

@@ -42,6 +42,8 @@ class HessianStats:
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
+        if self.H is None:
+            raise RuntimeError("these Hessian statistics were handed to a solver (consume()); they take no more input")
         x = x.reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
         n = x.shape[0]
         if n == 0:  # an expert no token of this chunk was routed to
@@ -61,10 +63,12 @@ class HessianStats:
             self.H *= 2.0 / max(self.tokens, 1)
             self._reduced = True
 
-    @property
-    def diag_sq_sum(self) -> torch.Tensor:
-        """sum_t x_j^2 recovered from the diagonal (for Wanda-style scores on a Hessian)."""
-        return self.H.diagonal() * self.tokens / 2.0
+    def consume(self) -> torch.Tensor:
+        """Hand H over to a solver that overwrites it in place (no second n x n matrix); the statistics end here."""
+        H, self.H = self.H, None
+        if H is None:
+            raise RuntimeError("these Hessian statistics were already consumed")
+        return H
 
 
 class CosineStats:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -10,11 +11,11 @@ from ...adapters import WeightRef
 from ...calibration.stats import HessianStats
 from ...errors import PruningCheckError, RecipeError
 from ...report import StepReport
-from ...utils import logger
+from ...utils import OffloadedCopy, logger
 from ..context import PruneContext
 from ..masks import Structure
 from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
-from .solver import DampeningError, sparsegpt_prune
+from .solver import DampeningError, SolveInfo, inverse_cholesky_upper_, sparsegpt_prune_factored
 
 
 @dataclass
@@ -59,6 +60,9 @@ class SparseGPTMethod(WeightPruningMethod):
         super().__init__(config)
         self.dampening: dict[str, float] = {}
         self.dead_inputs: dict[str, int] = {}
+        # statistics -> (U, dead inputs, info): linears that read one input (q/k/v, gate/up) share one factor, made
+        # once in the Hessian's own memory; an entry goes when its statistics do
+        self._factors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def solve_cost(self, ref: WeightRef) -> float:
         n = ref.in_features
@@ -71,14 +75,13 @@ class SparseGPTMethod(WeightPruningMethod):
         self, weight: torch.Tensor, stats: HessianStats, sparsity: float, structure: Structure, name: str
     ):
         try:
-            new_weight, mask, info = sparsegpt_prune(
-                weight, stats.H, sparsity, structure, blocksize=self.config.blocksize, percdamp=self.config.percdamp
-            )
+            U, dead, info = self._inverse_factor(stats)
         except DampeningError as exc:
             raise PruningCheckError(
                 f"{name}: SparseGPT could not invert the Hessian of its inputs ({exc}). Use more calibration text "
                 "(nsamples x seqlen well above the layer's input width), raise percdamp, or use wanda."
             ) from exc
+        new_weight, mask = sparsegpt_prune_factored(weight, U, dead, sparsity, structure, self.config.blocksize)
         if info.raised:
             logger.warning(
                 "%s: Hessian not positive definite at percdamp=%g; used %g x mean(diag H).",
@@ -90,6 +93,19 @@ class SparseGPTMethod(WeightPruningMethod):
         if info.dead_inputs:
             self.dead_inputs[name] = info.dead_inputs
         return new_weight, mask
+
+    def _inverse_factor(self, stats: HessianStats) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+        """The upper Cholesky factor of the damped inverse Hessian, computed in place of the statistics' H (a copy
+        kept outside the working memory refills it if a dampening level fails: ``OffloadedCopy``)."""
+        cached = self._factors.get(stats)
+        if cached is None:
+            H = stats.consume()
+            dead = H.diagonal() == 0
+            with OffloadedCopy(H) as backup:
+                info = inverse_cholesky_upper_(H, self.config.percdamp, backup.restore_into, dead=dead)
+            info.dead_inputs = int(dead.sum())
+            cached = self._factors[stats] = (H, dead, info)
+        return cached
 
     def run(self, ctx: PruneContext) -> StepReport:
         report = super().run(ctx)

@@ -11,6 +11,7 @@ lazily, once per block, as one matrix product.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,40 +37,60 @@ class SolveInfo:
         return len(self.tries) > 1
 
 
+def inverse_cholesky_upper_(
+    work: torch.Tensor,
+    percdamp: float,
+    restore: Callable[[torch.Tensor], None] | None = None,
+    max_tries: int = 6,
+    dead: torch.Tensor | None = None,
+) -> SolveInfo:
+    """In place: ``work`` (float32) holds H on entry and the upper Cholesky factor of (H + damp * I)^-1 on success,
+    the dampening raised tenfold until H + damp * I is positive definite.
+
+    The factorisation, the inverse and the factor of the inverse overwrite ``work``, so the solve needs no n x n
+    matrix besides it (a 14336-wide Hessian is 0.8 GiB). A failed try leaves ``work`` destroyed: ``restore(work)``
+    refills it with H for the next try; without ``restore`` the first failure raises. ``dead``: input channels
+    whose zero diagonal entry is set to 1. Raises DampeningError if ``max_tries`` levels all fail.
+    """
+    info = SolveInfo(damp_fraction=percdamp)
+    fraction = percdamp
+    diag = work.diagonal()
+    if dead is not None:
+        diag[dead] = 1.0
+    mean_diag = float(diag.mean())
+    if mean_diag <= 0 or not all_finite(work):
+        raise DampeningError(f"the Hessian is degenerate (mean diagonal {mean_diag:g}, or non-finite entries)")
+    status = torch.zeros((), dtype=torch.int32, device=work.device)
+    for attempt in range(max_tries):
+        if attempt:
+            if restore is None:
+                break
+            restore(work)
+            if dead is not None:
+                diag[dead] = 1.0
+        info.tries.append(fraction)
+        diag.add_(fraction * mean_diag)
+        # LAPACK / cuSOLVER work on column-major matrices: on the column-major view of ``work`` (H is symmetric, so
+        # its values are H) each step runs in place; on ``work`` itself each would allocate an n x n temporary
+        cols = work.mT
+        torch.linalg.cholesky_ex(cols, out=(cols, status))  # L, in place
+        if not int(status):
+            torch.cholesky_inverse(cols, out=cols)  # (H + damp I)^-1, in place
+            torch.linalg.cholesky_ex(cols, out=(cols, status))  # its lower factor L'; ``work`` then holds L'^T = U
+            if not int(status) and all_finite(work):
+                info.damp_fraction = fraction
+                return info
+        fraction = fraction * 10.0 if fraction > 0 else 1e-6
+    raise DampeningError(f"not positive definite with dampening up to {info.tries[-1]:g} x mean(diag(H))")
+
+
 def inverse_cholesky_upper(
     H: torch.Tensor, percdamp: float, max_tries: int = 6, dead: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, SolveInfo]:
-    """Upper Cholesky factor of (H + damp * I)^-1, raising the dampening tenfold until H is positive definite.
-
-    ``H`` is not modified. The factorisation, the inverse and the factor of the inverse are computed in place in one
-    float32 working copy, so besides ``H`` one n x n matrix is alive (a 14336-wide Hessian is 0.8 GiB; the solve used
-    to hold five). ``dead``: input channels whose zero diagonal entry is set to 1 in that copy. Raises DampeningError
-    if ``max_tries`` levels all fail.
-    """
-    info = SolveInfo(damp_fraction=percdamp)
-    fraction, mean_diag = percdamp, None
-    for _ in range(max_tries):
-        work = H.detach().to(torch.float32, copy=True)
-        diag = work.diagonal()
-        if dead is not None:
-            diag[dead] = 1.0
-        if mean_diag is None:
-            mean_diag = float(diag.mean())
-            if mean_diag <= 0 or not all_finite(work):
-                raise DampeningError(f"the Hessian is degenerate (mean diagonal {mean_diag:g}, or non-finite entries)")
-        info.tries.append(fraction)
-        diag.add_(fraction * mean_diag)
-        status = torch.zeros((), dtype=torch.int32, device=work.device)
-        torch.linalg.cholesky_ex(work, out=(work, status))  # L, in place
-        if not int(status):
-            torch.cholesky_inverse(work, out=work)  # (H + damp I)^-1, in place
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, status))  # its upper factor, in place
-            if not int(status) and all_finite(work):
-                info.damp_fraction = fraction
-                return work, info
-        del work
-        fraction = fraction * 10.0 if fraction > 0 else 1e-6
-    raise DampeningError(f"not positive definite with dampening up to {info.tries[-1]:g} x mean(diag(H))")
+    """``inverse_cholesky_upper_`` on a float32 copy of ``H`` (which is not modified): (the factor, info)."""
+    work = H.detach().to(torch.float32, copy=True)
+    info = inverse_cholesky_upper_(work, percdamp, lambda w: w.copy_(H), max_tries=max_tries, dead=dead)
+    return work, info
 
 
 def _block_quota(rows: int, i1: int, i2: int, sparsity: float) -> int:
@@ -97,12 +118,27 @@ def sparsegpt_prune(
         blocksize: columns per lazy-update block (128 in the paper). For N:M it is rounded down to a multiple of M.
         percdamp: dampening as a fraction of mean(diag(H)); raised tenfold while H is not positive definite.
     """
-    W = torch.empty(weight.shape, dtype=torch.float32, device=weight.device).copy_(weight.detach())  # one copy
-    rows, cols = W.shape
     dead = torch.diag(H) == 0
-    W[:, dead] = 0.0
     U, info = inverse_cholesky_upper(H, percdamp, dead=dead)
     info.dead_inputs = int(dead.sum())
+    new_weight, mask = sparsegpt_prune_factored(weight, U, dead, sparsity, structure, blocksize)
+    return new_weight, mask, info
+
+
+@torch.no_grad()
+def sparsegpt_prune_factored(
+    weight: torch.Tensor,
+    U: torch.Tensor,
+    dead: torch.Tensor,
+    sparsity: float,
+    structure: Structure = UNSTRUCTURED,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparsegpt_prune`` given the upper factor ``U`` of the damped inverse Hessian (``inverse_cholesky_upper_``)
+    and the dead inputs (zero diagonal of H): linears that read the same input share one factor."""
+    W = torch.empty(weight.shape, dtype=torch.float32, device=weight.device).copy_(weight.detach())  # one copy
+    rows, cols = W.shape
+    W[:, dead] = 0.0
 
     if structure.is_nm:
         blocksize = max(structure.m, blocksize - blocksize % structure.m)
@@ -137,4 +173,4 @@ def sparsegpt_prune(
         mask[:, i1:i2] = M1
         if i2 < cols:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # in place: no rows x rest temporary
-    return W, mask, info
+    return W, mask
