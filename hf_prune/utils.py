@@ -122,27 +122,28 @@ def count_zeros(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
 class OffloadedCopy:
     """A copy of a tensor kept outside the memory it lives in, to refill it later (``restore_into``) after an
     in-place computation that may fail: host memory for an accelerator's tensor; for a host tensor of at least
-    ``file_bytes``, a temporary file in $TMPDIR written and read by system calls (page cache, never resident in the
-    process); a clone for a smaller one. ``close()`` (or leaving the ``with`` block) frees it."""
+    ``file_bytes``, an unnamed temporary file in $TMPDIR written and read by system calls (page cache, never resident
+    in the process; gone with the process, even a killed one); a clone for a smaller one. ``close()`` (or leaving
+    the ``with`` block) frees it."""
 
     FILE_BYTES = 64 << 20
+    CHUNK = 1 << 28
 
     def __init__(self, tensor: torch.Tensor, file_bytes: int | None = None):
         t = tensor.detach()
         self.shape, self.dtype = tuple(t.shape), t.dtype
         self._copy: torch.Tensor | None = None
-        self._path: str | None = None
+        self._file = None
         limit = self.FILE_BYTES if file_bytes is None else file_bytes
         if t.device.type != "cpu" or t.numel() * t.element_size() < limit:
             self._copy = t.to("cpu", copy=True)
             return
         import tempfile
 
-        fd, self._path = tempfile.mkstemp(prefix="hf_prune-", suffix=".bin")
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            view = memoryview(_bytes_of(t.contiguous()))
-            for start in range(0, len(view), 1 << 28):
-                f.write(view[start : start + (1 << 28)])
+        self._file = tempfile.TemporaryFile(prefix="hf_prune-", buffering=0)
+        view = memoryview(_bytes_of(t.contiguous()))
+        for start in range(0, len(view), self.CHUNK):
+            self._file.write(view[start : start + self.CHUNK])
 
     def restore_into(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -151,28 +152,25 @@ class OffloadedCopy:
         if self._copy is not None:
             tensor.copy_(self._copy)
             return
-        if self._path is None:
+        if self._file is None:
             raise RuntimeError("this copy was closed")
         target = tensor if tensor.is_contiguous() else torch.empty_like(tensor, memory_format=torch.contiguous_format)
         view = memoryview(_bytes_of(target))
-        with open(self._path, "rb", buffering=0) as f:
-            done = 0
-            while done < len(view):
-                n = f.readinto(view[done : done + (1 << 28)])
-                if not n:
-                    raise OSError(f"{self._path}: the saved copy is truncated")
-                done += n
+        self._file.seek(0)
+        done = 0
+        while done < len(view):
+            n = self._file.readinto(view[done : done + self.CHUNK])
+            if not n:
+                raise OSError("the offloaded copy is truncated")
+            done += n
         if target is not tensor:
             tensor.copy_(target)
 
     def close(self) -> None:
         self._copy = None
-        if self._path is not None:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
-            self._path = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> OffloadedCopy:
         return self
