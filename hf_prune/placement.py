@@ -140,19 +140,22 @@ def parameter_bytes(model: nn.Module) -> int:
     return total
 
 
-def calibration_headroom(model: nn.Module, adapter, nsamples: int, seqlen: int) -> int:
+def calibration_headroom(model: nn.Module, adapter, nsamples: int, seqlen: int, methods=()) -> int:
     """Accelerator memory one block's calibration work needs beside the weights: the activations of every window at
     a block boundary (inputs and outputs), one sample's forward inside a block, float32 copies of the largest block
-    (solves, refits) and a SparseGPT Hessian of its widest input."""
+    (solves, refits), a SparseGPT Hessian of its widest input (solved in its own memory) beside one of the stream's
+    width, and what the recipe's ``methods`` need on top (``PruningMethod.block_work_bytes``: reconstruction)."""
     from .calibration.engine import estimate_block_bytes_per_sample
 
     cfg = getattr(model.config, "text_config", None) or model.config
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 4096)
     itemsize = 4
-    activations = 2 * nsamples * seqlen * hidden * itemsize
-    block = max((sum(p.numel() for p in b.parameters()) for b in adapter.blocks), default=0) * 4
+    boundary = nsamples * seqlen * hidden * itemsize
+    parameters = max((sum(p.numel() for p in b.parameters()) for b in adapter.blocks), default=0)
     widest = max((r.in_features for r in adapter.linears(0)), default=hidden) if adapter.num_blocks else hidden
-    return activations + estimate_block_bytes_per_sample(model, seqlen) + 2 * block + 3 * widest * widest * 4
+    hessians = (widest * widest + hidden * hidden) * 4
+    extra = max((m.block_work_bytes(parameters, boundary) for m in methods), default=0)
+    return 2 * boundary + estimate_block_bytes_per_sample(model, seqlen) + 8 * parameters + hessians + extra
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -235,6 +238,7 @@ def plan(
     onload: bool | str = "auto",
     nsamples: int = 128,
     seqlen: int = 2048,
+    methods=(),
 ) -> Placement:
     """Decide where ``model`` is pruned (nothing is moved here; ``apply`` does it).
 
@@ -243,6 +247,7 @@ def plan(
         onload: ``auto`` (onload only when the model does not fit the accelerator), ``True`` (always: weights stay
             in host memory, one block at a time on the device), ``False`` (never: the whole model is moved).
         nsamples, seqlen: the calibration, to size the room one block's work needs.
+        methods: the recipe's steps, for what they need beyond that (``calibration_headroom``).
     """
     from .calibration.engine import model_device
 
@@ -268,7 +273,7 @@ def plan(
         return Placement(current, "in_place", storage, compute_dtype_for(current, storage), reason)
     if target.type == "cpu":
         return Placement(target, "moved", storage, compute_dtype_for(target, storage), "device: cpu")
-    need = parameter_bytes(model) + calibration_headroom(model, adapter, nsamples, seqlen)
+    need = parameter_bytes(model) + calibration_headroom(model, adapter, nsamples, seqlen, methods)
     free = available_memory_bytes(target)
     if onload is False or need <= FIT_FRACTION * free:
         reason = f"model + one block's calibration work: {human_bytes(need)}, {human_bytes(free)} free"

@@ -233,6 +233,7 @@ class HFPruner:
             onload=recipe.onload,
             nsamples=recipe.calibration.nsamples,
             seqlen=ctx.seqlen(),
+            methods=methods,
         )
         if place.mode == "onloaded" or placement.offloaded(self.model):
             refused = [m.config.method for m in methods if not m.supports_offload]

@@ -391,3 +391,29 @@ def test_shipped_moe_recipe_parses():
 
     recipe = Recipe.from_yaml("configs/moe_experts_wanda.yaml")
     assert [s.method for s in recipe.steps] == ["experts", "wanda"] and recipe.steps[1].moe_calibration == "routed"
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+@pytest.mark.parametrize("order", ["staged", "two_pass"])
+def test_experts_calibrated_in_groups_that_fit_the_memory_give_the_same_weights(layout, order, tokenizer, tiny_recipe):
+    """Where the experts' statistics are collected before pruning (several calibration chunks, or parallel order),
+    they are collected and pruned a group of experts at a time within moe_stats_memory: one expert per pass here,
+    and every weight equals the run that holds them all at once."""
+    step = {"method": "sparsegpt", "sparsity": 0.5, "true_sequential": order == "staged"}
+    batch = {"batch_size": 1} if order == "staged" else {}
+    models = []
+    for memory in (None, 1e-9):  # default (a quarter of the free memory), then one expert per group
+        model = _per_expert_model() if layout == "per_expert" else make_tiny_model("qwen3_moe")
+        recipe = tiny_recipe({**step, **({"moe_stats_memory": memory} if memory else {})})
+        recipe["calibration"].update(batch)
+        details = HFPruner(model, tokenizer, recipe).prune().steps[0].details
+        models.append(model)
+        if memory:
+            assert details["moe_stats_passes"] == {i: 8 for i in ModelAdapter(model).moe_blocks()}
+        else:
+            assert "moe_stats_passes" not in details
+    dense, grouped = (dict(m.named_parameters()) for m in models)
+    for name, p in grouped.items():
+        assert torch.equal(p, dense[name]), name
+    with pytest.raises(RecipeError, match="moe_stats_memory"):
+        HFPruner(make_tiny_model("qwen3_moe"), tokenizer, tiny_recipe({**step, "moe_stats_memory": 0})).prune()

@@ -174,3 +174,24 @@ def test_bf16_matches_float32_for_every_method(name, tokenizer, tiny_recipe):
         y = results[torch.bfloat16](input_ids=IDS).logits.float().log_softmax(-1)
     nll = lambda lp: -lp[0, :-1].gather(-1, IDS[0, 1:, None]).mean()  # noqa: E731
     assert abs(float(nll(x) - nll(y))) < 0.1 * abs(float(nll(x)))
+
+
+def test_the_room_a_block_needs_counts_reconstruction():
+    """Block reconstruction holds float32 masters, Adam's moments and gradients of the block and the dense targets:
+    the placement's estimate grows by that (so a model that fits for SparseGPT alone can be onloaded with it)."""
+    from hf_prune.adapters import ModelAdapter
+    from hf_prune.registry import get_method
+
+    model = make_tiny_model("llama")
+    adapter = ModelAdapter(model)
+
+    def headroom(step):
+        config = Recipe.from_dict({"steps": [step]}).steps[0]
+        return placement.calibration_headroom(model, adapter, 8, 64, [get_method(config.method).method_cls(config)])
+
+    plain = headroom({"method": "sparsegpt", "structure": "2:4"})
+    refit = headroom({"method": "sparsegpt", "structure": "2:4", "reconstruct": True})
+    parameters = sum(p.numel() for p in model.model.layers[0].parameters())
+    boundary = 8 * 64 * model.config.hidden_size * 4
+    assert plain == placement.calibration_headroom(model, adapter, 8, 64)
+    assert refit - plain == 21 * parameters + 2 * boundary

@@ -37,6 +37,12 @@ class PruningMethod(ABC):
     @abstractmethod
     def run(self, ctx: PruneContext) -> StepReport: ...
 
+    def block_work_bytes(self, block_parameters: int, activation_bytes: int) -> int:
+        """Memory one block's work needs on the execution device beyond the common estimate
+        (``placement.calibration_headroom``), given the block's parameter count and the bytes of the calibration
+        activations at a block boundary."""
+        return 0
+
     def pruning_config(self) -> dict[str, Any]:
         """What goes into config.json's ``pruning_config`` for this step."""
         return self.config.to_dict()

@@ -69,23 +69,46 @@ class ExpertStatistics:
         self._parent = None if self.fused else ParentInput(step.block, spec.experts)
 
     # ------------------------------------------------------------------ passes
-    def accumulate(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """One forward of the dense block over every chunk; then experts under ``min_tokens`` are recollected on
-        all tokens (one more forward, only if any). Returns the block's outputs if ``keep_outputs``."""
-        outputs = self._forward(None, set(self.by_expert), count=True, keep_outputs=keep_outputs)
+    def groups(self, stats_bytes: Callable[[WeightRef], int], budget: int) -> list[set[int]]:
+        """The targeted experts in groups whose statistics take at most ``budget`` bytes together (one expert at
+        least), for ``accumulate`` one group at a time: 256 experts' 7168-wide Hessians would be 52 GB at once."""
+        groups: list[set[int]] = []
+        used = budget + 1
+        for e in sorted(self.by_expert):
+            refs = self.by_expert[e]
+            readers = [r for r in refs if r.role != "expert_down"][:1]  # gate/up share their statistics
+            size = sum(stats_bytes(r) for r in readers + [r for r in refs if r.role == "expert_down"])
+            if used + size > budget:
+                groups.append(set())
+                used = 0
+            groups[-1].add(e)
+            used += size
+        return groups
+
+    def accumulate(self, keep_outputs: bool = False, experts: set[int] | None = None) -> list[torch.Tensor] | None:
+        """One forward of the block over every chunk that collects the statistics of ``experts`` (default: every
+        targeted expert); then those under ``min_tokens`` are recollected on all tokens (one more forward, only if
+        any). Returns the block's outputs if ``keep_outputs``. Each expert's statistics depend on its own inputs
+        only, so collecting them a group at a time gives the same statistics."""
+        experts = set(self.by_expert) if experts is None else experts
+        outputs = self._forward(None, experts, count=True, keep_outputs=keep_outputs)
         if distributed.active():  # an expert no token of this rank reached: empty statistics, as the other ranks have
             hidden = self.step.inputs[0]
-            for e, refs in self.by_expert.items():
-                if not any(r.name in self.stats for r in refs):
+            for e in sorted(experts):
+                if not any(r.name in self.stats for r in self.by_expert[e]):
                     self._update(e, hidden.new_zeros(0, hidden.shape[-1]), None)
-        self.tokens = [int(t) for t in distributed.all_reduce_numbers(*self.tokens)]
+        order = sorted(experts)
+        counts = distributed.all_reduce_numbers(*[self.tokens[e] for e in order])
+        for e, n in zip(order, counts):
+            self.tokens[e] = int(n)
         if self.mode == ROUTED:
-            self.fallback = [e for e in self.by_expert if self.tokens[e] < max(self.min_tokens, 1)]
-            if self.fallback:
-                for e in self.fallback:
+            fallback = [e for e in order if self.tokens[e] < max(self.min_tokens, 1)]
+            if fallback:
+                self.fallback += fallback
+                for e in fallback:
                     for ref in self.by_expert[e]:
                         self.stats.pop(ref.name, None)
-                self._forward(None, set(self.fallback), count=False, mode=ALL)
+                self._forward(None, set(fallback), count=False, mode=ALL)
         return outputs
 
     def prune_during(self, prune: Callable[[WeightRef, Any], None]) -> list[torch.Tensor]:
@@ -127,9 +150,11 @@ class ExpertStatistics:
             def hook(module, args, kwargs):
                 x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
                 x = x.reshape(-1, x.shape[-1])
+                if e not in experts:
+                    return
                 if count:
                     self.tokens[e] += x.shape[0]
-                if e not in experts or mode == ALL:
+                if mode == ALL:
                     return
                 if prune is not None and x.shape[0] < max(self.min_tokens, 1):
                     x = every_token()

@@ -23,7 +23,7 @@ from ..calibration.engine import BlockStep, hooks
 from ..calibration.experts import ALL, ROUTED
 from ..errors import PruningCheckError, RecipeError
 from ..report import ModuleReport, StepReport
-from ..utils import logger
+from ..utils import available_memory_bytes, logger
 from .base import PruningMethod, StepConfig
 from .context import PruneContext
 from .expert_calibration import ExpertStatistics
@@ -60,6 +60,10 @@ class WeightPruningConfig(StepConfig):
             output is unchanged).
         moe_min_tokens: an expert routed fewer calibration tokens than this is calibrated on every token of its
             block instead (reported under ``moe.fallback_experts``).
+        moe_stats_memory: GiB of routed experts' statistics held at once where they are collected before pruning
+            (several calibration chunks, or ``true_sequential: false``): the experts are calibrated and pruned in
+            groups that fit, one pass over the block each (same result; ``moe_stats_passes`` in the report). Default:
+            a quarter of the memory free on the experts' device.
         reconstruct: after a block's targets are masked, refit their surviving weights (masks fixed) so that the
             pruned block's output matches the dense block's output on the same calibration inputs; ``true`` or a
             mapping of settings (``epochs``, ``lr``, ``batch_size``, ``seed``: see ``ReconstructConfig``). Kept per
@@ -77,6 +81,7 @@ class WeightPruningConfig(StepConfig):
     component: str = "language"
     moe_calibration: str = "routed"
     moe_min_tokens: int = 16
+    moe_stats_memory: float | None = None
     reconstruct: Any = False
 
     def validate(self) -> None:
@@ -112,6 +117,12 @@ class WeightPruningConfig(StepConfig):
             or self.moe_min_tokens < 0
         ):
             raise RecipeError(f"moe_min_tokens must be a non-negative integer, got {self.moe_min_tokens!r}.")
+        if self.moe_stats_memory is not None and (
+            isinstance(self.moe_stats_memory, bool)
+            or not isinstance(self.moe_stats_memory, (int, float))
+            or not self.moe_stats_memory > 0
+        ):
+            raise RecipeError(f"moe_stats_memory must be a positive number of GiB, got {self.moe_stats_memory!r}.")
         if self.sparsity_profile not in ("uniform", "owl"):
             raise RecipeError(f"sparsity_profile must be 'uniform' or 'owl', got {self.sparsity_profile!r}.")
         if self.sparsity_profile == "owl":
@@ -477,12 +488,13 @@ class WeightPruningMethod(PruningMethod):
                     stage = ExpertStatistics(
                         step, experts.spec, part, self.make_stats, experts.mode, experts.min_tokens
                     )
-                    stage.accumulate()
+                    for group in self._expert_groups(stage, report):  # one pass per group of experts
+                        stage.accumulate(experts=group)
+                        for ref in part:
+                            if ref.expert in group and ref.name in stage.stats:
+                                report.modules.append(self._prune_ref(ref, stage.stats.pop(ref.name), sparsity))
+                                done.add(ref.name)
                     experts.tokens, experts.fallback = stage.tokens, stage.fallback
-                    for ref in part:
-                        if ref.name in stage.stats:
-                            report.modules.append(self._prune_ref(ref, stage.stats.pop(ref.name), sparsity))
-                            done.add(ref.name)
                 experts_module = None
                 continue
             if not group:
@@ -547,22 +559,59 @@ class WeightPruningMethod(PruningMethod):
 
             return hook
 
+        groups = self._expert_groups(experts, report) if experts is not None else []
         with hooks([r.module.register_forward_pre_hook(make_hook(r)) for r in linears]):
             if experts is not None:
-                experts.accumulate()
+                experts.accumulate(experts=groups[0])
             else:
                 step.forward(keep_outputs=False)
         by_input.clear()  # from here on each statistics object is referenced by its linears only, and freed with them
         stats = {name: shared.stats for name, shared in assigned.items()}
-        if experts is not None:
-            stats.update(experts.stats)
-        ready = [ref for ref in refs if ref.name in stats]
-        if distributed.active():
-            self._prune_across_ranks(ready, stats, sparsity, report)
-        else:
-            for ref in ready:
-                report.modules.append(self._prune_ref(ref, stats.pop(ref.name), sparsity))
+        first, ready = len(report.modules), []
+        for k, group in enumerate(groups):  # each group's experts pruned before the next group's pass; the linears
+            if k:  # last, so every pass sees the dense attention (an expert's inputs do not depend on other experts)
+                experts.accumulate(experts=group)
+            part = [r for r in refs if r.expert in group and r.name in experts.stats]
+            self._prune_ready(part, {r.name: experts.stats.pop(r.name) for r in part}, sparsity, report)
+            ready += part
+        part = [ref for ref in refs if ref.name in stats]
+        self._prune_ready(part, stats, sparsity, report)
+        ready += part
+        order = {ref.name: i for i, ref in enumerate(refs)}
+        report.modules[first:] = sorted(report.modules[first:], key=lambda m: order.get(m.name, len(order)))
         self._prune_missed(refs, {ref.name for ref in ready}, report)
+
+    def _prune_ready(self, refs: list[WeightRef], stats: dict, sparsity: float, report: StepReport) -> None:
+        if distributed.active():
+            self._prune_across_ranks(refs, stats, sparsity, report)
+        else:
+            for ref in refs:
+                report.modules.append(self._prune_ref(ref, stats.pop(ref.name), sparsity))
+
+    def block_work_bytes(self, block_parameters: int, activation_bytes: int) -> int:
+        """Reconstruction: float32 masters, Adam's two moments, gradients, the masked values and the free mask per
+        parameter (about 21 bytes), and the dense targets and refit outputs beside the block's inputs and outputs."""
+        if self.config.reconstruction is None:
+            return 0
+        return 21 * block_parameters + 2 * activation_bytes
+
+    def stats_bytes(self, ref: WeightRef) -> int:
+        """Bytes of the statistics ``make_stats`` keeps for ``ref`` (per-input-channel float32 by default)."""
+        return 4 * ref.in_features
+
+    def _expert_groups(self, experts: ExpertStatistics, report: StepReport) -> list[set[int]]:
+        """The block's targeted experts in groups whose statistics fit ``moe_stats_memory`` GiB (default: a quarter
+        of the memory free on their device), collected and pruned one group per pass."""
+        c = self.config
+        if c.moe_stats_memory is not None:
+            budget = int(c.moe_stats_memory * 2**30)
+        else:
+            device = next(iter(experts.by_expert.values()))[0].device
+            budget = available_memory_bytes(device) // 4
+        groups = experts.groups(self.stats_bytes, budget)
+        if len(groups) > 1:
+            report.details.setdefault("moe_stats_passes", {})[experts.step.index] = len(groups)
+        return groups
 
     def solve_cost(self, ref: WeightRef) -> float:
         """Relative cost of pruning one target (weight-parallel solving balances it over the ranks)."""

@@ -68,6 +68,9 @@ class SparseGPTMethod(WeightPruningMethod):
         n = ref.in_features
         return float(n) ** 3 + float(n) ** 2 * ref.weight().shape[0]  # Cholesky + the column sweep
 
+    def stats_bytes(self, ref: WeightRef) -> int:
+        return 4 * ref.in_features**2
+
     def make_stats(self, ref: WeightRef) -> HessianStats:
         return HessianStats(ref.in_features, ref.device)
 
