@@ -166,3 +166,26 @@ def test_hidden_after_another_structural_step(first, tokenizer, tiny_recipe, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits)
+
+
+def test_the_second_moments_wait_for_the_refit_outside_memory(tokenizer, tiny_recipe, monkeypatch):
+    """Each read norm's second moment leaves memory when its block is done (an unnamed temporary file when big) and
+    comes back one norm at a time for its readers' refit: the same weights as moments held in memory."""
+    from hf_prune.utils import OffloadedCopy
+
+    step = {"method": "width", "hidden": 0.25, "criterion": "activation"}
+    in_memory = make_tiny_model("llama")
+    HFPruner(in_memory, tokenizer, tiny_recipe(step)).prune()
+    files = []
+    original = OffloadedCopy.__init__
+
+    def to_a_file(self, tensor, file_bytes=None):
+        original(self, tensor, file_bytes=0)
+        files.append(self._file is not None)
+
+    monkeypatch.setattr(OffloadedCopy, "__init__", to_a_file)
+    spilled = make_tiny_model("llama")
+    HFPruner(spilled, tokenizer, tiny_recipe(step)).prune()
+    assert len(files) == 3 * 2 and all(files)  # both read norms of every block
+    for (name, p), q in zip(spilled.named_parameters(), in_memory.parameters()):
+        assert torch.equal(p, q), name

@@ -21,6 +21,7 @@ from ... import distributed
 from ...adapters import ModelAdapter, get_submodule, is_linear, is_transposed
 from ...errors import UnsupportedModelError
 from ...surgery import materialized_state_dict
+from ...utils import OffloadedCopy
 from .scores import ChannelStats, refit_kept_columns
 
 # block linears (by role) that read the stream through a norm (their input columns go) or write into it (output rows)
@@ -169,13 +170,14 @@ class StreamRecorder:
     norm its inputs' per-channel squares (for the rescale) and its outputs' sums (for the channel scores), the
     squared column norms of the linears that read each norm's output, and which norms take a writer's output (Gemma's
     post-norms: they, not the writer, put the writer's output into the stream). With ``second_moment`` also each
-    read norm's output second moment (channels x channels, kept in host memory between blocks), for the
-    least-squares refit of its readers."""
+    read norm's output second moment (channels x channels), for the least-squares refit of its readers: kept
+    outside memory once its block is done (``OffloadedCopy``: a temporary file for a big one), so the walk holds one
+    block's moments however many blocks the model has (an 8B model's 64 read norms: 4.3 GB)."""
 
     def __init__(self, sites: StreamSites, second_moment: bool = False):
         self.sites = sites
         self.second_moment = second_moment
-        self.grams: dict[str, torch.Tensor] = {}  # read norm -> sum y y^T over its calibration tokens (host)
+        self.grams: dict[str, OffloadedCopy] = {}  # read norm -> sum y y^T over its calibration tokens
         self.reader_norm: dict[str, str] = {}  # reader linear -> the norm whose output it reads
         self._block_grams: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, ChannelStats] = {}
@@ -277,7 +279,7 @@ class StreamRecorder:
         self._last_writer_output.clear()
         for name, gram in self._block_grams.items():
             if name in self.reader_columns:
-                self.grams[name] = gram.cpu()
+                self.grams[name] = OffloadedCopy(gram)
         self._block_grams.clear()
 
     def record_final_norm_inputs(self, final_hidden: list[torch.Tensor], final_norm: str | None) -> None:
@@ -320,14 +322,29 @@ class StreamRecorder:
             factors[name] = math.sqrt(kept / every) if every > 0 and kept > 0 else 1.0
         return factors
 
-    def refits(self) -> dict[str, tuple[str, torch.Tensor]]:
-        """reader linear -> (its norm, that norm's output second moment E[y y^T]), summed over the ranks."""
-        moments = {}
-        for name in list(self.grams):
-            gram = self.grams.pop(name)  # divided in place: one copy of each moment alive
+    def refits(self) -> dict[str, tuple[str, SecondMoments]]:
+        """reader linear -> (its norm, the norms' output second moments E[y y^T], read one at a time)."""
+        moments = SecondMoments(self.grams, {name: self.outputs[name].tokens for name in self.grams})
+        return {reader: (norm, moments) for reader, norm in self.reader_norm.items() if norm in self.grams}
+
+
+class SecondMoments:
+    """The read norms' output second moments, brought back from where the walk kept them one norm at a time (the
+    readers of one norm come together in the cut), summed over the ranks and divided by the tokens."""
+
+    def __init__(self, grams: dict[str, OffloadedCopy], tokens: dict[str, int]):
+        self.grams, self.tokens = grams, tokens
+        self._current: tuple[str, torch.Tensor] | None = None
+
+    def of(self, norm: str) -> torch.Tensor:
+        if self._current is None or self._current[0] != norm:
+            self._current = None  # the previous moment goes before the next one is read
+            copy = self.grams[norm]
+            gram = torch.empty(copy.shape, dtype=copy.dtype)
+            copy.restore_into(gram)
             distributed.all_reduce_sum(gram)
-            moments[name] = gram.div_(max(self.outputs[name].tokens, 1))
-        return {reader: (norm, moments[norm]) for reader, norm in self.reader_norm.items() if norm in moments}
+            self._current = (norm, gram.div_(max(self.tokens[norm], 1)))
+        return self._current[1]
 
 
 @dataclass
@@ -340,7 +357,7 @@ class StreamCut:
     keep: torch.Tensor
     norm_factors: dict[str, float]
     fed_by_writer: dict[str, str]  # norm -> writer: the norm puts that writer's output into the stream
-    refits: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    refits: dict[str, tuple[str, SecondMoments]] = field(default_factory=dict)
     errors: dict[str, dict] = field(default_factory=dict)  # reader -> relative output error, plain / refit
 
     def apply(self, state: dict[str, torch.Tensor], live: nn.Module) -> None:
@@ -358,9 +375,9 @@ class StreamCut:
             old = state[key]
             new = old.index_select(dim, self.keep.to(old.device))
             if owner in self.refits and leaf == "weight" and dim == 1:
-                _, moment = self.refits[owner]
+                norm, moments = self.refits[owner]
                 keep = self.keep.to(old.device)
-                refit, self.errors[owner] = refit_kept_columns(old.float(), moment.to(old.device), keep)
+                refit, self.errors[owner] = refit_kept_columns(old.float(), moments.of(norm).to(old.device), keep)
                 if refit is not None:
                     new = refit.to(old.dtype)
             elif owner in sites.norms and leaf == "weight":
