@@ -55,12 +55,61 @@ def test_image_calibrated_width_on_llava_reloads_with_auto_class(tokenizer, tmp_
     _saved_reloads_to_the_same_logits(pruner, processor, tmp_path / "vlm")
 
 
-@pytest.mark.parametrize("key", ["hidden", "per_block"])
-def test_hidden_and_per_block_are_refused_on_vlms_before_any_work(key, tokenizer):
+@pytest.mark.parametrize(
+    "key, message", [("hidden", "projector's model.multi_modal_projector.linear_2"), ("per_block", "vision-language")]
+)
+def test_what_a_llava_cannot_narrow_is_refused_before_any_work(key, message, tokenizer):
+    """LLaVA's projector is a two-layer MLP whose inner width is the language model's hidden size: a narrower
+    stream would remove its own neurons too; per-block widths have no VLM checkpoint yet."""
     model, processor = _tiny_llava_with_processor(tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     step = {"method": "width", "mlp": 0.25, key: 0.25 if key == "hidden" else True}
     recipe = {"calibration": {"source": "skimage", "nsamples": 2, "seqlen": 24}, "steps": [step]}
-    with pytest.raises(UnsupportedModelError, match="vision-language"):
+    with pytest.raises(UnsupportedModelError, match=message):
         HFPruner(model, recipe=recipe, processor=processor).prune()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+PROJECTOR_OUT = {  # the projector tensor that writes image features into the stream, and its stream dimension
+    "idefics3": ("model.connector.modality_projection.proj.weight", 0),
+    "gemma3": ("model.multi_modal_projector.mm_input_projection_weight", 1),
+}
+
+
+@pytest.mark.parametrize("family", list(PROJECTOR_OUT))
+def test_hidden_channels_of_a_vlm_narrow_the_projector_with_the_stream(family, tokenizer, tiny_recipe, tmp_path):
+    """Stream channels that carry nothing (zero in the embeddings, in every writer's rows and in the projector's
+    output) are removed from the language model and the projector alike: the logits on image + text are unchanged
+    (Gemma 3's stream rescaled by its embedding scale, image features included), and the saved folder reloads with
+    its own class to the same logits."""
+    from hf_prune.adapters import ModelAdapter
+
+    model, ids, extra = tiny_vlm(family)
+    model.resize_token_embeddings(len(tokenizer))
+    dead = torch.arange(0, 64, 4)  # 16 of the 64 stream channels
+    key, dim = PROJECTOR_OUT[family]
+    adapter = ModelAdapter(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, dead] = 0
+        model.get_parameter(key).index_fill_(dim, dead, 0.0)
+        for ref in adapter.all_linears():
+            if ref.role in ("o", "down"):
+                ref.module.weight[dead] = 0
+        for name, module in model.named_modules():
+            if name.startswith(adapter.vlm.language_model) and "norm" in name.rsplit(".", 1)[-1]:
+                module.weight.uniform_(0.5, 1.5)
+                for attr in ("eps", "variance_epsilon"):
+                    if hasattr(module, attr):
+                        setattr(module, attr, 1e-12)
+        before = model(input_ids=ids, **extra).logits
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", "hidden": 0.25, "criterion": "activation"}))
+    details = pruner.prune().steps[0].details
+    pruned = pruner.model
+    assert pruned.config.get_text_config().hidden_size == 48 and details["hidden_size"]["after"] == 48
+    assert pruned.get_parameter(key).shape[dim] == 48
+    with torch.no_grad():
+        after = pruned(input_ids=ids, **extra).logits
+    assert torch.allclose(after, before, atol=1e-4 * before.abs().max().item(), rtol=0)
+    reloaded = type(model).from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, **extra).logits, after)

@@ -20,7 +20,7 @@ from torch import nn
 from ... import distributed
 from ...adapters import ModelAdapter, get_submodule, is_linear, is_transposed
 from ...errors import UnsupportedModelError
-from ...surgery import materialized_state_dict
+from ...surgery import materialized_state_dict, parameter_shapes
 from ...utils import OffloadedCopy
 from .scores import ChannelStats, refit_kept_columns
 
@@ -62,7 +62,7 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -
     """Every place of ``model`` that holds the stream's width; ``narrowed`` is the meta skeleton of the narrowed
     model (for the embedding scale it computes). Raises before any work when a norm is not a
     plain RMS norm (a LayerNorm centres over the channels: removing some changes every output)."""
-    width = model.config.hidden_size
+    width = model.config.get_text_config().hidden_size
     names = {id(m): n for n, m in model.named_modules()}
     sites = StreamSites(width)
     for emb in adapter.embeddings():
@@ -106,6 +106,8 @@ def stream_sites(model: nn.Module, adapter: ModelAdapter, narrowed: nn.Module) -
         sites.norms[name] = _norm_offset(module, name, weight.detach())
         for leaf, _ in module.named_parameters(recurse=False):
             sites.cut[f"{name}.{leaf}"] = 0
+    if adapter.vlm is not None:
+        _projector_sites(sites, model, narrowed, adapter.vlm.projector)
     sites.embedding_scale = _embedding_scale_ratio(model, narrowed)
     if sites.moe_readers and sites.embedding_scale != 1.0:
         raise UnsupportedModelError(
@@ -135,6 +137,34 @@ def _moe_sites(sites: StreamSites, adapter: ModelAdapter, index: int, block_name
     if weight is not None and weight.dim() == 2 and weight.shape[1] == sites.width:
         sites.cut[f"{block_name}.{spec.router}.weight"] = 1
         readers.append((f"{block_name}.{spec.router}.weight", 1))
+
+
+def _projector_sites(sites: StreamSites, model: nn.Module, narrowed: nn.Module, projector: str) -> None:
+    """A vision-language model's projector writes the image features into the stream: the projector tensors that
+    the narrowed config describes one stream channel narrower along a single dimension lose the same channels, and
+    scale with the stream as the block writers do. A projector whose own inner width is the language model's
+    hidden size (LLaVA's two-layer MLP) is refused before any work: its inner neurons are not stream channels."""
+    new_width = narrowed.config.get_text_config().hidden_size
+    new_shapes = parameter_shapes(narrowed)
+    found = {}
+    for key, shape in parameter_shapes(model).items():
+        if not key.startswith(projector + "."):
+            continue
+        changed = [d for d, (a, b) in enumerate(zip(shape, new_shapes.get(key, shape))) if a != b]
+        if not changed:
+            continue
+        if len(changed) > 1 or shape[changed[0]] != sites.width or new_shapes[key][changed[0]] != new_width:
+            raise UnsupportedModelError(
+                f"width.hidden: the projector's {key} {tuple(shape)} takes the language model's hidden size on more "
+                f"than the side that writes the stream (it would be {new_shapes.get(key)}), so a narrower stream "
+                "would also remove the projector's own neurons; use mlp / heads."
+            )
+        found[key] = changed[0]
+    for key, dim in found.items():
+        sites.cut[key] = dim
+        owner = key.rpartition(".")[0]
+        if owner not in sites.writers:
+            sites.writers.append(owner)
 
 
 @torch.no_grad()

@@ -162,10 +162,10 @@ class WidthMethod(PruningMethod):
     def preflight(self, ctx: PruneContext) -> None:
         adapter, c = ctx.adapter, self.config
         family = adapter.family
-        if adapter.is_vlm and (c.hidden or c.per_block):
+        if adapter.is_vlm and c.per_block:
             raise UnsupportedModelError(
-                f"width.{'hidden' if c.hidden else 'per_block'}: not supported on vision-language models yet (the "
-                "projector writes into the language model's stream; per-block files are text-only); use mlp / heads."
+                "width.per_block: not supported on vision-language models yet (per-block files are text-only); use a "
+                "uniform width."
             )
         self.adapter, self.moe = adapter, bool(adapter.moe_blocks())
         if self.moe:
