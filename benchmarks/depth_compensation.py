@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--compensations", nargs="+", default=["none", "least_squares"])
     parser.add_argument("--out")
     args = parser.parse_args()
     from hf_prune import HFPruner
@@ -28,7 +29,7 @@ def main() -> None:
 
     rows = []
     for n in args.blocks:
-        for compensate in ("none", "least_squares"):
+        for compensate in args.compensations:
             recipe = {
                 "calibration": {"source": "fortunes", "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
                 "steps": [{"method": "depth", "criterion": args.criterion, "num_blocks": n, "compensate": compensate}],
@@ -54,21 +55,18 @@ def main() -> None:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(rows, f, indent=2)
-    print("\n| blocks removed | removed | ppl, removed | ppl, least squares | ratio | run error (removed -> fit) |")
-    print("|---|---|---|---|---|---|")
+    fitted = [c for c in args.compensations if c != "none"]
+    print("\n| blocks removed | removed | " + " | ".join(f"ppl, {c}" for c in args.compensations) + " | run error |")
+    print("|---|---|" + "---|" * len(args.compensations) + "---|")
     for n in args.blocks:
-        plain = next(r for r in rows if r["blocks"] == n and r["compensate"] == "none")
-        ls = next((r for r in rows if r["blocks"] == n and r["compensate"] == "least_squares"), None)
-        if ls is None:
-            print(f"| {n} | {plain['removed']} | {plain['ppl']:.2f} | refused | - | - |")
-            continue
-        fits = ", ".join(
-            f"{f['error_removed']:.4f} -> {f.get('error_compensated', float('nan')):.4f}" for f in ls["fit"]
-        )
-        print(
-            f"| {n} | {plain['removed']} | {plain['ppl']:.2f} | {ls['ppl']:.2f} | {ls['ppl'] / plain['ppl']:.2f} | "
-            f"{fits} |"
-        )
+        by = {r["compensate"]: r for r in rows if r["blocks"] == n}
+        ppl = " | ".join(f"{by[c]['ppl']:.2f}" if c in by else "refused" for c in args.compensations)
+        fits = "; ".join(f"{c}: " + _fits(by[c]["fit"]) for c in fitted if c in by)
+        removed = next(iter(by.values()))["removed"] if by else "-"
+        print(f"| {n} | {removed} | {ppl} | {fits or '-'} |")
+
+def _fits(entries: list[dict]) -> str:
+    return ", ".join(f"{f['error_removed']:.4f} -> {f.get('error_compensated', float('nan')):.4f}" for f in entries)
 
 
 if __name__ == "__main__":

@@ -43,16 +43,39 @@ def test_the_fit_recovers_a_linear_run_and_folding_is_exact():
     assert torch.allclose(h @ new_w.t() + new_b, (h @ W.t() + b) @ T.float(), atol=1e-4)
 
 
+def test_the_relative_fit_is_least_squares_weighted_by_each_tokens_norm():
+    """relative: token t's squared error divided by ||L_t||^2. One token with a massive stream (an attention sink)
+    decides the plain fit; the relative fit is the weighted closed form and finds the map the other tokens follow."""
+    torch.manual_seed(0)
+    A, B = torch.eye(8) + 0.1 * torch.randn(8, 8), torch.eye(8) + 0.1 * torch.randn(8, 8)
+    m, y = torch.randn(1, 256, 8), torch.randn(1, 256, 8)
+    out = y + m @ A
+    out[0, 0] = 1e3 * (y[0, 0] + m[0, 0] @ B)  # one massive token that follows another map
+    m_big = m.clone()
+    m_big[0, 0] *= 1e3
+    y_big = y.clone()
+    y_big[0, 0] *= 1e3
+    plain, relative = RunStatistics(8, torch.device("cpu")), RunStatistics(8, torch.device("cpu"), relative=True)
+    for st in (plain, relative):
+        st.update(m_big, y_big + m_big, out)
+    T_plain, T_rel = fit_map(plain.G, plain.C, damp=0.0), fit_map(relative.G, relative.C, damp=0.0)
+    M, Bv = m_big.reshape(-1, 8).double(), (out - y_big).reshape(-1, 8).double()
+    w = 1 / out.reshape(-1, 8).double().pow(2).sum(-1, keepdim=True)
+    expected = torch.linalg.solve(M.t() @ (w * M), M.t() @ (w * Bv))
+    assert torch.allclose(T_rel, expected, atol=1e-4)
+    assert (T_rel.float() - A).abs().max() < 0.05 < (T_plain.float() - A).abs().max()
+    assert relative.l_sq == pytest.approx(256, rel=1e-5)  # the error is per token, relative to its norm
+
+
 def test_runs():
     assert removed_runs([7, 2, 3, 9, 8]) == [(2, 3), (7, 9)]
 
 
+@pytest.mark.parametrize("compensate", ["least_squares", "relative_least_squares"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_compensated_depth_saves_a_plain_checkpoint(family, tokenizer, tiny_recipe, tmp_path):
+def test_compensated_depth_saves_a_plain_checkpoint(family, compensate, tokenizer, tiny_recipe, tmp_path):
     model = make_tiny_model(family, layers=4)
-    pruner = HFPruner(
-        model, tokenizer, tiny_recipe({"method": "depth", "blocks": [0, 2], "compensate": "least_squares"})
-    )
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "depth", "blocks": [0, 2], "compensate": compensate}))
     report = pruner.prune()
     entries = report.steps[0].details["compensation"]
     assert [e["blocks"] for e in entries] == [[0, 0], [2, 2]]

@@ -3,9 +3,11 @@ l..e is replaced by one linear map T applied to the MLP output of the last kept 
 projection, so the model stays its plain class.
 
 With M the MLP output of block l-1, Y = (its output) - M, and L the output of block e (what block e+1 reads), T
-minimizes ||M T + Y - L||^2 over the calibration tokens: T = (M^T M + lambda I)^-1 M^T (L - Y). The statistics are
-sums (d x d), so they add over chunks and ranks. Folding: M T = x W^T T + b T, i.e. W' = T^T W and b' = T^T b.
-Pure math: tensors in, tensors out.
+minimizes ||M T + Y - L||^2 over the calibration tokens: T = (M^T M + lambda I)^-1 M^T (L - Y). ``relative``: each
+token's squared error divided by ||L_t||^2 (weighted least squares; the next block's norm sees each token's stream
+up to its scale, and a few tokens with massive activations would otherwise decide the fit, as ReplaceMe's cosine
+objective avoids). The statistics are sums (d x d), so they add over chunks and ranks. Folding: M T = x W^T T + b T,
+i.e. W' = T^T W and b' = T^T b. Pure math: tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch
 
 
 class RunStatistics:
-    """Sums over calibration tokens for one removed run: G = M^T M, C = M^T B with B = L - Y, ||B||^2, ||L||^2."""
+    """Sums over calibration tokens for one removed run: G = M^T M, C = M^T B with B = L - Y, ||B||^2, ||L||^2 (with
+    ``relative``, each token weighted by 1 / ||L_t||^2)."""
 
-    def __init__(self, hidden: int, device: torch.device):
+    def __init__(self, hidden: int, device: torch.device, relative: bool = False):
+        self.relative = relative
         self.G = torch.zeros(hidden, hidden, dtype=torch.float32, device=device)
         self.C = torch.zeros(hidden, hidden, dtype=torch.float32, device=device)
         self.b_sq = 0.0
@@ -30,6 +34,9 @@ class RunStatistics:
         x = run_input.reshape(-1, m.shape[-1]).to(device=self.G.device, dtype=torch.float32)
         y = run_output.reshape(-1, m.shape[-1]).to(device=self.G.device, dtype=torch.float32)
         b = y - x + m
+        if self.relative:
+            scale = y.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12).rsqrt()  # sqrt of each token's weight
+            m, b, y = m * scale, b * scale, y * scale
         self.G.addmm_(m.t(), m)
         self.C.addmm_(m.t(), b)
         self.b_sq += float(b.pow(2).sum(dtype=torch.float64))

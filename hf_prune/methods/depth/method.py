@@ -26,7 +26,7 @@ from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowe
 from .writers import mlp_writer
 
 CRITERIA = ("angular", "block_influence", "ppl_delta", "random")
-COMPENSATIONS = ("none", "least_squares")
+COMPENSATIONS = ("none", "least_squares", "relative_least_squares")
 
 
 @dataclass
@@ -50,7 +50,9 @@ class DepthConfig(StepConfig):
         compensate: ``least_squares`` replaces each removed run of blocks by a linear map fitted on the calibration
             activations and folded into the down projection of the last kept block before the run (ReplaceMe,
             Shopkhoev et al., 2025): the checkpoint stays the family's plain class; kept per run only where it
-            lowers the run's calibration error (both errors in the report). ``none``: the blocks are just removed.
+            lowers the run's calibration error (both errors in the report). ``relative_least_squares``: the same
+            map fitted on each token's error relative to its norm (weighted least squares: tokens with massive
+            activations no longer decide the fit). ``none``: the blocks are just removed.
 
     Example recipe::
 
@@ -140,11 +142,11 @@ class DepthMethod(PruningMethod):
                 f"depth: {n} blocks to remove but keep_first={c.keep_first} and keep_last={c.keep_last} leave only "
                 f"{len(allowed)} removable blocks."
             )
-        if c.compensate == "least_squares":
+        if c.compensate != "none":
             why = _why_not_compensable(ctx)
             if why:
                 raise RecipeError(
-                    f"depth.compensate: least_squares does not support {ctx.adapter.family}: {why}. "
+                    f"depth.compensate: {c.compensate} does not support {ctx.adapter.family}: {why}. "
                     "Use compensate: none."
                 )
         trial = c.blocks if c.blocks is not None else sorted({allowed[0], allowed[len(allowed) // 2]})[:n]
@@ -264,7 +266,8 @@ class DepthMethod(PruningMethod):
                         ctx.adapter.block_name(i), step.inputs[0], attention_out[0], seen[0], outputs[0]
                     )
                 open_runs[i] = (seen, outputs)
-                stats[i] = RunStatistics(outputs[0].shape[-1], outputs[0].device)
+                relative = self.config.compensate == "relative_least_squares"
+                stats[i] = RunStatistics(outputs[0].shape[-1], outputs[0].device, relative)
                 step.info["outputs"] = outputs
             elif i in by_end:
                 writer = by_end[i]
@@ -328,7 +331,7 @@ class DepthMethod(PruningMethod):
             else:
                 chosen = lowest_scoring(influence, n, allowed)
         details["removed_blocks"] = chosen
-        if c.compensate == "least_squares":
+        if c.compensate != "none":
             details["compensation"] = self.compensate(ctx, chosen)
         self.removed = (total, chosen)
         details["config_changes"] = remove_blocks(ctx.model, ctx.adapter, chosen)
