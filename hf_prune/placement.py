@@ -143,8 +143,9 @@ def parameter_bytes(model: nn.Module) -> int:
 def calibration_headroom(model: nn.Module, adapter, nsamples: int, seqlen: int, methods=()) -> int:
     """Accelerator memory one block's calibration work needs beside the weights: the activations of every window at
     a block boundary (inputs and outputs), one sample's forward inside a block, float32 copies of the largest block
-    (solves, refits), a SparseGPT Hessian of its widest input (solved in its own memory) beside one of the stream's
-    width, and what the recipe's ``methods`` need on top (``PruningMethod.block_work_bytes``: reconstruction)."""
+    (solves, refits), a block's SparseGPT Hessians (in parallel order all at once; the widest twice: cuSOLVER's
+    inverse allocates one more), and what the recipe's ``methods`` need on top (``PruningMethod.block_work_bytes``:
+    reconstruction)."""
     from .calibration.engine import estimate_block_bytes_per_sample
 
     cfg = getattr(model.config, "text_config", None) or model.config
@@ -153,7 +154,7 @@ def calibration_headroom(model: nn.Module, adapter, nsamples: int, seqlen: int, 
     boundary = nsamples * seqlen * hidden * itemsize
     parameters = max((sum(p.numel() for p in b.parameters()) for b in adapter.blocks), default=0)
     widest = max((r.in_features for r in adapter.linears(0)), default=hidden) if adapter.num_blocks else hidden
-    hessians = (widest * widest + hidden * hidden) * 4
+    hessians = (2 * widest * widest + 3 * hidden * hidden) * 4  # two-pass order: every Hessian of a block at once
     extra = max((m.block_work_bytes(parameters, boundary) for m in methods), default=0)
     return 2 * boundary + estimate_block_bytes_per_sample(model, seqlen) + 8 * parameters + hessians + extra
 

@@ -49,10 +49,10 @@ def peak_cuda_bytes() -> int | None:
 
 def available_memory_bytes(device: torch.device) -> int:
     """Memory still free on `device` (CUDA / XPU free memory, MPS's recommended budget left, or the host's
-    available RAM)."""
+    available RAM). On CUDA, blocks PyTorch's caching allocator holds but does not use count as free."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "xpu" and hasattr(torch.xpu, "mem_get_info"):
         free, _ = torch.xpu.mem_get_info(device)
         return int(free)
@@ -120,30 +120,38 @@ def count_zeros(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
 
 
 class OffloadedCopy:
-    """A copy of a tensor kept outside the memory it lives in, to refill it later (``restore_into``) after an
-    in-place computation that may fail: host memory for an accelerator's tensor; for a host tensor of at least
-    ``file_bytes``, an unnamed temporary file in $TMPDIR written and read by system calls (page cache, never resident
-    in the process; gone with the process, even a killed one); a clone for a smaller one. ``close()`` (or leaving
-    the ``with`` block) frees it."""
+    """A copy of a tensor kept outside the memory it works in, to refill it later (``restore_into``).
+
+    ``file_bytes``: a tensor at least this big goes to an unnamed temporary file in $TMPDIR, written and read by
+    system calls in slabs (page cache, never resident in the process; gone with the process, even a killed one); an
+    accelerator's tensor passes through host memory one slab at a time. A smaller one is cloned into host memory
+    (``small_on="host"``) or on its own device (``"device"``). ``close()`` (or leaving the ``with`` block) frees it."""
 
     FILE_BYTES = 64 << 20
     CHUNK = 1 << 28
 
-    def __init__(self, tensor: torch.Tensor, file_bytes: int | None = None):
-        t = tensor.detach()
-        self.shape, self.dtype = tuple(t.shape), t.dtype
+    def __init__(self, tensor: torch.Tensor, file_bytes: int | None = None, small_on: str = "host"):
         self._copy: torch.Tensor | None = None
         self._file = None
+        t = tensor.detach()
+        self.shape, self.dtype = tuple(t.shape), t.dtype
         limit = self.FILE_BYTES if file_bytes is None else file_bytes
-        if t.device.type != "cpu" or t.numel() * t.element_size() < limit:
-            self._copy = t.to("cpu", copy=True)
+        accelerator = t.device.type != "cpu"
+        if t.numel() * t.element_size() < limit:
+            self._copy = t.to("cpu" if small_on == "host" else t.device, copy=True)
             return
         import tempfile
 
         self._file = tempfile.TemporaryFile(prefix="hf_prune-", buffering=0)
-        view = memoryview(_bytes_of(t.contiguous()))
-        for start in range(0, len(view), self.CHUNK):
-            self._file.write(view[start : start + self.CHUNK])
+        for part in self._slabs(t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)):
+            view = memoryview(_bytes_of(part.cpu() if accelerator else part))
+            while view:
+                view = view[self._file.write(view) :]
+
+    def _slabs(self, flat: torch.Tensor):
+        step = max(1, self.CHUNK // flat.element_size())
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step]
 
     def restore_into(self, tensor: torch.Tensor) -> None:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
@@ -155,20 +163,23 @@ class OffloadedCopy:
         if self._file is None:
             raise RuntimeError("this copy was closed")
         target = tensor if tensor.is_contiguous() else torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        view = memoryview(_bytes_of(target))
         self._file.seek(0)
-        done = 0
-        while done < len(view):
-            n = self._file.readinto(view[done : done + self.CHUNK])
-            if not n:
-                raise OSError("the offloaded copy is truncated")
-            done += n
+        for part in self._slabs(target.view(-1)):
+            host = part if part.device.type == "cpu" else torch.empty(part.shape, dtype=part.dtype)
+            view = memoryview(_bytes_of(host))
+            while view:
+                n = self._file.readinto(view)
+                if not n:
+                    raise OSError("the offloaded copy is truncated")
+                view = view[n:]
+            if host is not part:
+                part.copy_(host)
         if target is not tensor:
             tensor.copy_(target)
 
     def close(self) -> None:
         self._copy = None
-        if self._file is not None:
+        if getattr(self, "_file", None) is not None:
             self._file.close()
             self._file = None
 

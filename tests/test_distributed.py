@@ -94,6 +94,29 @@ def test_two_processes_prune_like_one(family, steps, saved, tmp_path, calib_file
         )
 
 
+@pytest.mark.parametrize("order", [{"true_sequential": False}, {"true_sequential": True, "batch_size": 1}])
+def test_experts_calibrated_in_groups_under_torchrun_give_the_same_weights(order, saved, tmp_path, calib_file):
+    """Routed experts calibrated and solved one group per pass (one expert per group here), every group's
+    statistics reduced over the ranks and, in parallel order, its solves spread over them: the same saved weights as
+    all experts at once, so the ranks' collectives pair up group by group."""
+    src = saved("qwen3_moe")
+    step = {"method": "sparsegpt", "sparsity": 0.5, "true_sequential": order["true_sequential"]}
+    calibration = {"source": calib_file, "nsamples": 8, "seqlen": 64, "seed": 0}
+    if "batch_size" in order:
+        calibration["batch_size"] = order["batch_size"]
+    weights = []
+    for memory in (None, 1e-9):
+        steps = [{**step, **({"moe_stats_memory": memory} if memory else {})}]
+        out = tmp_path / f"out-{memory}"
+        result = torchrun(src, {"calibration": calibration, "steps": steps}, out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((out / "pruning_report.json").read_text())["steps"][-1]["details"]
+        assert ("moe_stats_passes" in report) == (memory is not None)
+        weights.append(_weights(AutoModelForCausalLM.from_pretrained(out)))
+    for name, w in weights[0].items():
+        assert torch.equal(w, weights[1][name]), name
+
+
 def test_a_failing_rank_stops_every_rank_and_nothing_is_written(saved, tmp_path, calib_file):
     src = saved("llama")
     recipe = {

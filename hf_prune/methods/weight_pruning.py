@@ -23,7 +23,7 @@ from ..calibration.engine import BlockStep, hooks
 from ..calibration.experts import ALL, ROUTED
 from ..errors import PruningCheckError, RecipeError
 from ..report import ModuleReport, StepReport
-from ..utils import available_memory_bytes, logger
+from ..utils import available_memory_bytes, human_bytes, logger
 from .base import PruningMethod, StepConfig
 from .context import PruneContext
 from .expert_calibration import ExpertStatistics
@@ -187,6 +187,10 @@ class WeightPruningMethod(PruningMethod):
     comparison_group: str = "row"  # masks compared per output row ("row") or over the whole matrix ("layer")
     uses_statistics: bool = True  # False: the masks need no calibration data (reconstruction still does)
     float_weight: bool = True  # prune_weight gets a float32 copy (False: the weight as stored; it converts itself)
+
+    def __init__(self, config: WeightPruningConfig):
+        super().__init__(config)
+        self._warned_passes: set[int] = set()
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -605,17 +609,31 @@ class WeightPruningMethod(PruningMethod):
         c = self.config
         if c.moe_stats_memory is not None:
             budget = int(c.moe_stats_memory * 2**30)
-        else:
+        else:  # the smallest rank's: every rank must walk the same groups (their collectives pair up)
             device = next(iter(experts.by_expert.values()))[0].device
-            budget = available_memory_bytes(device) // 4
+            budget = min(distributed.all_gather_objects(available_memory_bytes(device) // 4))
         groups = experts.groups(self.stats_bytes, budget)
         if len(groups) > 1:
-            report.details.setdefault("moe_stats_passes", {})[experts.step.index] = len(groups)
+            passes = report.details.setdefault("moe_stats_passes", {})
+            passes[experts.step.index] = max(passes.get(experts.step.index, 0), len(groups))
+            if len(groups) > 8 and experts.step.index not in self._warned_passes:
+                self._warned_passes.add(experts.step.index)
+                logger.warning(
+                    "block %d: the routed experts' statistics need %d passes over the block to fit %s; set "
+                    "moe_stats_memory (GiB) higher, or calibrate in one chunk, for fewer.",
+                    experts.step.index,
+                    len(groups),
+                    human_bytes(budget),
+                )
         return groups
 
     def solve_cost(self, ref: WeightRef) -> float:
         """Relative cost of pruning one target (weight-parallel solving balances it over the ranks)."""
         return float(ref.weight().numel())
+
+    def shared_solve_cost(self, refs: list[WeightRef]) -> float:
+        """Relative cost of pruning targets that share their statistics, on one rank."""
+        return sum(self.solve_cost(r) for r in refs)
 
     def _prune_across_ranks(self, refs: list[WeightRef], stats: dict, sparsity: float, report: StepReport) -> None:
         """Weight-parallel solving: the block's targets are spread over the ranks by cost, each rank prunes its
@@ -623,7 +641,18 @@ class WeightPruningMethod(PruningMethod):
         for ref in refs:  # the same order on every rank; objects shared by several targets reduce once
             if stats[ref.name] is not None:
                 stats[ref.name].all_reduce()
-        owners = distributed.balanced_assignment([self.solve_cost(r) for r in refs], distributed.world_size())
+        # targets sharing statistics (q/k/v, gate/up) are one job: one rank factors them once
+        jobs: dict[int, list[int]] = {}
+        for i, ref in enumerate(refs):
+            key = id(stats[ref.name]) if stats[ref.name] is not None else -1 - i
+            jobs.setdefault(key, []).append(i)
+        members = list(jobs.values())
+        costs = [self.shared_solve_cost([refs[i] for i in job]) for job in members]
+        job_owners = distributed.balanced_assignment(costs, distributed.world_size())
+        owners = [0] * len(refs)
+        for job, owner in zip(members, job_owners):
+            for i in job:
+                owners[i] = owner
         mine = {
             r.name: self._prune_ref(r, stats[r.name], sparsity)
             for r, o in zip(refs, owners)

@@ -34,13 +34,15 @@ class RunStatistics:
         x = run_input.reshape(-1, m.shape[-1]).to(device=self.G.device, dtype=torch.float32)
         y = run_output.reshape(-1, m.shape[-1]).to(device=self.G.device, dtype=torch.float32)
         b = y - x + m
-        if self.relative:
-            scale = y.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12).rsqrt()  # sqrt of each token's weight
-            m, b, y = m * scale, b * scale, y * scale
+        if self.relative:  # every token's ||L_t||^2 weighs 1 after scaling by 1 / ||L_t||
+            scale = y.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12).rsqrt()
+            m, b = m * scale, b.mul_(scale)
+            self.l_sq += float(m.shape[0])
+        else:
+            self.l_sq += float(y.pow(2).sum(dtype=torch.float64))
         self.G.addmm_(m.t(), m)
         self.C.addmm_(m.t(), b)
         self.b_sq += float(b.pow(2).sum(dtype=torch.float64))
-        self.l_sq += float(y.pow(2).sum(dtype=torch.float64))
         self.tokens += m.shape[0]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ from ...adapters import WeightRef
 from ...calibration.stats import HessianStats
 from ...errors import PruningCheckError, RecipeError
 from ...report import StepReport
-from ...utils import OffloadedCopy, logger
+from ...utils import OffloadedCopy, available_memory_bytes, human_bytes, logger
 from ..context import PruneContext
 from ..masks import Structure
 from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
@@ -68,6 +69,10 @@ class SparseGPTMethod(WeightPruningMethod):
         n = ref.in_features
         return float(n) ** 3 + float(n) ** 2 * ref.weight().shape[0]  # Cholesky + the column sweep
 
+    def shared_solve_cost(self, refs: list[WeightRef]) -> float:
+        n = float(refs[0].in_features)  # one factor for all of them, one sweep each
+        return n**3 + sum(n**2 * r.weight().shape[0] for r in refs)
+
     def stats_bytes(self, ref: WeightRef) -> int:
         return 4 * ref.in_features**2
 
@@ -104,8 +109,13 @@ class SparseGPTMethod(WeightPruningMethod):
         if cached is None:
             H = stats.consume()
             dead = H.diagonal() == 0
-            with OffloadedCopy(H) as backup:
-                info = inverse_cholesky_upper_(H, self.config.percdamp, backup.restore_into, dead=dead)
+            backup = _backup(H)
+            try:
+                restore = backup.restore_into if backup is not None else None
+                info = inverse_cholesky_upper_(H, self.config.percdamp, restore, dead=dead)
+            finally:
+                if backup is not None:
+                    backup.close()
             info.dead_inputs = int(dead.sum())
             cached = self._factors[stats] = (H, dead, info)
         return cached
@@ -117,3 +127,20 @@ class SparseGPTMethod(WeightPruningMethod):
         if self.dead_inputs:
             report.details["dead_inputs"] = dict(self.dead_inputs)
         return report
+
+
+def _backup(H: torch.Tensor) -> OffloadedCopy | None:
+    """A copy of H to refill it from if a dampening level fails (rare): on an accelerator a clone where it has room
+    (four times H free), else in host memory; on the CPU a temporary file for a big H. None, with a warning, if it
+    cannot be written (the solve then has one try)."""
+    size = H.numel() * H.element_size()
+    try:
+        if H.device.type != "cpu":
+            roomy = available_memory_bytes(H.device) > 4 * size
+            return OffloadedCopy(H, file_bytes=sys.maxsize, small_on="device" if roomy else "host")
+        return OffloadedCopy(H)
+    except OSError as exc:
+        logger.warning(
+            "SparseGPT: no copy of a %s Hessian for dampening retries (%s); one try.", human_bytes(size), exc
+        )
+        return None

@@ -159,6 +159,13 @@ def _projector_sites(sites: StreamSites, model: nn.Module, narrowed: nn.Module, 
                 f"than the side that writes the stream (it would be {new_shapes.get(key)}), so a narrower stream "
                 "would also remove the projector's own neurons; use mlp / heads."
             )
+        owner = model.get_submodule(key.rpartition(".")[0])
+        weight = getattr(owner, "weight", None)
+        if len(shape) < 2 and (not isinstance(weight, torch.Tensor) or weight.dim() < 2):  # not a linear's bias
+            raise UnsupportedModelError(
+                f"width.hidden: the projector's {key} belongs to a {type(owner).__name__} over the stream's width "
+                "(a norm), which hf_prune cannot narrow and rescale outside the language model; use mlp / heads."
+            )
         found[key] = changed[0]
     for key, dim in found.items():
         sites.cut[key] = dim
@@ -308,7 +315,7 @@ class StreamRecorder:
         self._last_norm_output.clear()
         self._last_writer_output.clear()
         for name, gram in self._block_grams.items():
-            if name in self.reader_columns:
+            if name in self.reader_columns:  # a big one to a file (through host slabs), a small one to the host
                 self.grams[name] = OffloadedCopy(gram)
         self._block_grams.clear()
 
@@ -354,16 +361,22 @@ class StreamRecorder:
 
     def refits(self) -> dict[str, tuple[str, SecondMoments]]:
         """reader linear -> (its norm, the norms' output second moments E[y y^T], read one at a time)."""
-        moments = SecondMoments(self.grams, {name: self.outputs[name].tokens for name in self.grams})
-        return {reader: (norm, moments) for reader, norm in self.reader_norm.items() if norm in self.grams}
+        readers = {reader: norm for reader, norm in self.reader_norm.items() if norm in self.grams}
+        moments = SecondMoments(self.grams, {name: self.outputs[name].tokens for name in self.grams}, readers)
+        self.grams = {}
+        return {reader: (norm, moments) for reader, norm in readers.items()}
 
 
 class SecondMoments:
     """The read norms' output second moments, brought back from where the walk kept them one norm at a time (the
-    readers of one norm come together in the cut), summed over the ranks and divided by the tokens."""
+    readers of one norm come together in the cut), summed over the ranks and divided by the tokens; each copy is
+    freed after its last reader (``done``)."""
 
-    def __init__(self, grams: dict[str, OffloadedCopy], tokens: dict[str, int]):
+    def __init__(self, grams: dict[str, OffloadedCopy], tokens: dict[str, int], readers: dict[str, str]):
         self.grams, self.tokens = grams, tokens
+        self.pending: dict[str, int] = {}
+        for norm in readers.values():
+            self.pending[norm] = self.pending.get(norm, 0) + 1
         self._current: tuple[str, torch.Tensor] | None = None
 
     def of(self, norm: str) -> torch.Tensor:
@@ -375,6 +388,14 @@ class SecondMoments:
             distributed.all_reduce_sum(gram)
             self._current = (norm, gram.div_(max(self.tokens[norm], 1)))
         return self._current[1]
+
+    def done(self, norm: str) -> None:
+        """One reader of ``norm`` is refit: after its last, the copy and the moment in memory are freed."""
+        self.pending[norm] -= 1
+        if self.pending[norm] == 0:
+            self.grams.pop(norm).close()
+            if self._current is not None and self._current[0] == norm:
+                self._current = None
 
 
 @dataclass
@@ -408,6 +429,7 @@ class StreamCut:
                 norm, moments = self.refits[owner]
                 keep = self.keep.to(old.device)
                 refit, self.errors[owner] = refit_kept_columns(old.float(), moments.of(norm).to(old.device), keep)
+                moments.done(norm)
                 if refit is not None:
                     new = refit.to(old.dtype)
             elif owner in sites.norms and leaf == "weight":
