@@ -146,7 +146,10 @@ class OffloadedCopy:
         for part in self._slabs(t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)):
             view = memoryview(_bytes_of(part.cpu() if accelerator else part))
             while view:
-                view = view[self._file.write(view) :]
+                written = self._file.write(view)
+                if not written:
+                    raise OSError("could not write the offloaded copy")
+                view = view[written:]
 
     def _slabs(self, flat: torch.Tensor):
         step = max(1, self.CHUNK // flat.element_size())

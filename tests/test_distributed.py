@@ -117,6 +117,18 @@ def test_experts_calibrated_in_groups_under_torchrun_give_the_same_weights(order
         assert torch.equal(w, weights[1][name]), name
 
 
+def test_ranks_with_uneven_shares_of_the_windows_walk_alike(saved, tmp_path, calib_file):
+    """9 windows over 2 ranks at 4 per chunk: one rank has two chunks, the other one. Both take the staged order (a
+    one-pass rank would call other collectives than a staged one: routed experts pair up per call, not per stage)."""
+    src = saved("qwen3_moe")
+    calibration = {"source": calib_file, "nsamples": 9, "seqlen": 64, "seed": 0, "batch_size": 4}
+    recipe = {"calibration": calibration, "steps": [{"method": "sparsegpt", "sparsity": 0.5}]}
+    result = torchrun(src, recipe, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    details = json.loads((tmp_path / "out" / "pruning_report.json").read_text())["steps"][-1]["details"]
+    assert details["order"].startswith("true-sequential (one pass per input group")
+
+
 def test_a_failing_rank_stops_every_rank_and_nothing_is_written(saved, tmp_path, calib_file):
     src = saved("llama")
     recipe = {

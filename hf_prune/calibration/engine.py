@@ -166,9 +166,10 @@ class BlockwiseEngine:
         **options,
     ) -> BlockwiseEngine:
         n, seqlen = input_ids.shape
-        if not batch_size:
+        if not batch_size:  # under torchrun the smallest rank's, so that every rank walks alike
             placement = options.get("placement")
-            batch_size = auto_batch_size(model, n, seqlen, device=placement.device if placement else None)
+            auto = auto_batch_size(model, n, seqlen, device=placement.device if placement else None)
+            batch_size = min(distributed.all_gather_objects(auto))
         batches = [{"input_ids": input_ids[i : i + batch_size]} for i in range(0, n, batch_size)]
         if len(batches) > 1:
             logger.info("Calibration runs in %d chunks of up to %d samples.", len(batches), batch_size)

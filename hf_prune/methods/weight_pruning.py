@@ -188,10 +188,6 @@ class WeightPruningMethod(PruningMethod):
     uses_statistics: bool = True  # False: the masks need no calibration data (reconstruction still does)
     float_weight: bool = True  # prune_weight gets a float32 copy (False: the weight as stored; it converts itself)
 
-    def __init__(self, config: WeightPruningConfig):
-        super().__init__(config)
-        self._warned_passes: set[int] = set()
-
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.uses_statistics or self.config.reconstruction is not None
@@ -317,9 +313,11 @@ class WeightPruningMethod(PruningMethod):
                 "Per-expert MLP modules are called only on the ranks that routed tokens to them, so a data-parallel "
                 "run collects their statistics first and prunes after (two passes per block)."
             )
+        # one pass only where every rank has one chunk (windows shard unevenly; the ranks' collectives must pair up)
+        one_chunk = all(n == 1 for n in distributed.all_gather_objects(engine.num_chunks))
         if not sequential:
             report.details["order"] = "parallel (two passes)"
-        elif engine.num_chunks == 1:
+        elif one_chunk:
             report.details["order"] = "true-sequential (one pass per block)"
         else:  # the same masks as one chunk: each group of linears sees every chunk before it is pruned
             report.details["order"] = f"true-sequential (one pass per input group, {engine.num_chunks} chunks)"
@@ -333,7 +331,7 @@ class WeightPruningMethod(PruningMethod):
             s = sparsities[step.index]
             experts = self._expert_statistics(ctx, step, block_refs)
             dense_outputs = step.forward() if reconstruction is not None else None
-            if sequential and step.num_chunks == 1:
+            if sequential and one_chunk:
                 step.info["outputs"] = self._one_pass(step, block_refs, s, report, experts)
             elif sequential:
                 self._staged_passes(step, block_refs, s, report, experts)
@@ -616,8 +614,9 @@ class WeightPruningMethod(PruningMethod):
         if len(groups) > 1:
             passes = report.details.setdefault("moe_stats_passes", {})
             passes[experts.step.index] = max(passes.get(experts.step.index, 0), len(groups))
-            if len(groups) > 8 and experts.step.index not in self._warned_passes:
-                self._warned_passes.add(experts.step.index)
+            warned = self.__dict__.setdefault("_warned_passes", set())
+            if len(groups) > 8 and experts.step.index not in warned:
+                warned.add(experts.step.index)
                 logger.warning(
                     "block %d: the routed experts' statistics need %d passes over the block to fit %s; set "
                     "moe_stats_memory (GiB) higher, or calibrate in one chunk, for fewer.",

@@ -139,7 +139,7 @@ def _backup(H: torch.Tensor) -> OffloadedCopy | None:
             roomy = available_memory_bytes(H.device) > 4 * size
             return OffloadedCopy(H, file_bytes=sys.maxsize, small_on="device" if roomy else "host")
         return OffloadedCopy(H)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # no room on the disk, or in host memory
         logger.warning(
             "SparseGPT: no copy of a %s Hessian for dampening retries (%s); one try.", human_bytes(size), exc
         )

@@ -314,8 +314,9 @@ class StreamRecorder:
         (the others are dropped)."""
         self._last_norm_output.clear()
         self._last_writer_output.clear()
+        refit = set(self.reader_norm.values())  # norms read by linears (not only by fused experts or a router)
         for name, gram in self._block_grams.items():
-            if name in self.reader_columns:  # a big one to a file (through host slabs), a small one to the host
+            if name in refit:  # a big one to a file (through host slabs), a small one to the host
                 self.grams[name] = OffloadedCopy(gram)
         self._block_grams.clear()
 
@@ -389,6 +390,13 @@ class SecondMoments:
             self._current = (norm, gram.div_(max(self.tokens[norm], 1)))
         return self._current[1]
 
+    def close(self) -> None:
+        """Free what readers that were never refit left (aliases, refits that raised)."""
+        for copy in self.grams.values():
+            copy.close()
+        self.grams.clear()
+        self._current = None
+
     def done(self, norm: str) -> None:
         """One reader of ``norm`` is refit: after its last, the copy and the moment in memory are freed."""
         self.pending[norm] -= 1
@@ -417,30 +425,34 @@ class StreamCut:
         sites, r = self.sites, self.sites.embedding_scale
         first: dict[tuple[int, int], str] = {}  # tied tensors (one storage): found before anything is freed
         alias = {key: first.setdefault((state[key].data_ptr(), dim), key) for key, dim in sites.cut.items()}
-        for key, dim in sites.cut.items():
-            owner, _, leaf = key.rpartition(".")
-            if alias[key] != key:
-                state[key] = state[alias[key]]
-                _replace_live(live, owner, leaf, state[key])
-                continue
-            old = state[key]
-            new = old.index_select(dim, self.keep.to(old.device))
-            if owner in self.refits and leaf == "weight" and dim == 1:
-                norm, moments = self.refits[owner]
-                keep = self.keep.to(old.device)
-                refit, self.errors[owner] = refit_kept_columns(old.float(), moments.of(norm).to(old.device), keep)
-                moments.done(norm)
-                if refit is not None:
-                    new = refit.to(old.dtype)
-            elif owner in sites.norms and leaf == "weight":
-                factor = self.norm_factors[owner] * (r if owner in self.fed_by_writer else 1.0)
-                offset = sites.norms[owner]
-                new = ((new.float() + offset) * factor - offset).to(old.dtype)
-            elif owner in sites.writers and r != 1.0 and owner not in self.fed_by_writer.values():
-                new = (new.float() * r).to(old.dtype)
-            del old
-            state[key] = new
-            _replace_live(live, owner, leaf, new)
+        try:
+            for key, dim in sites.cut.items():
+                owner, _, leaf = key.rpartition(".")
+                if alias[key] != key:
+                    state[key] = state[alias[key]]
+                    _replace_live(live, owner, leaf, state[key])
+                    continue
+                old = state[key]
+                new = old.index_select(dim, self.keep.to(old.device))
+                if owner in self.refits and leaf == "weight" and dim == 1:
+                    norm, moments = self.refits[owner]
+                    keep = self.keep.to(old.device)
+                    refit, self.errors[owner] = refit_kept_columns(old.float(), moments.of(norm).to(old.device), keep)
+                    moments.done(norm)
+                    if refit is not None:
+                        new = refit.to(old.dtype)
+                elif owner in sites.norms and leaf == "weight":
+                    factor = self.norm_factors[owner] * (r if owner in self.fed_by_writer else 1.0)
+                    offset = sites.norms[owner]
+                    new = ((new.float() + offset) * factor - offset).to(old.dtype)
+                elif owner in sites.writers and r != 1.0 and owner not in self.fed_by_writer.values():
+                    new = (new.float() * r).to(old.dtype)
+                del old
+                state[key] = new
+                _replace_live(live, owner, leaf, new)
+        finally:
+            for moments in {id(m): m for _, m in self.refits.values()}.values():
+                moments.close()
 
 
 def _replace_live(model: nn.Module, owner: str, leaf: str, new: torch.Tensor) -> None:
