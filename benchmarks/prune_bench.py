@@ -71,6 +71,8 @@ for _pct in (10, 20):
     CONFIGS[f"width-hidden-{_pct}"] = [{"method": "width", "hidden": _pct / 100}]
 for _pct in (10, 25, 40):
     CONFIGS[f"width-mlp-{_pct}"] = [{"method": "width", "mlp": _pct / 100}]
+for _mlp in (15, 25):  # hidden channels and MLP (every expert's) neurons in one step
+    CONFIGS[f"width-hidden-10-mlp-{_mlp}"] = [{"method": "width", "hidden": 0.1, "mlp": _mlp / 100}]
 
 
 # Block reconstruction: every weight-pruning setting of the grid again with ``reconstruct: true`` ("<name>-rec").
