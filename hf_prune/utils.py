@@ -143,7 +143,7 @@ class OffloadedCopy:
         import tempfile
 
         self._file = tempfile.TemporaryFile(prefix="hf_prune-", buffering=0)
-        for part in self._slabs(t.reshape(-1) if t.is_contiguous() else t.contiguous().view(-1)):
+        for part in self._slabs(t.contiguous().view(-1)):
             view = memoryview(_bytes_of(part.cpu() if accelerator else part))
             while view:
                 written = self._file.write(view)

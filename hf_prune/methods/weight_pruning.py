@@ -613,10 +613,9 @@ class WeightPruningMethod(PruningMethod):
         groups = experts.groups(self.stats_bytes, budget)
         if len(groups) > 1:
             passes = report.details.setdefault("moe_stats_passes", {})
-            passes[experts.step.index] = max(passes.get(experts.step.index, 0), len(groups))
-            warned = self.__dict__.setdefault("_warned_passes", set())
-            if len(groups) > 8 and experts.step.index not in warned:
-                warned.add(experts.step.index)
+            before = passes.get(experts.step.index, 0)  # a staged block groups its experts twice (gate/up, down)
+            passes[experts.step.index] = max(before, len(groups))
+            if len(groups) > 8 >= before:  # once per block
                 logger.warning(
                     "block %d: the routed experts' statistics need %d passes over the block to fit %s; set "
                     "moe_stats_memory (GiB) higher, or calibrate in one chunk, for fewer.",

@@ -61,7 +61,7 @@ class SparseGPTMethod(WeightPruningMethod):
         super().__init__(config)
         self.dampening: dict[str, float] = {}
         self.dead_inputs: dict[str, int] = {}
-        # statistics -> (U, dead inputs, info): linears that read one input (q/k/v, gate/up) share one factor, made
+        # statistics -> (U, info): linears that read one input (q/k/v, gate/up) share one factor, made
         # once in the Hessian's own memory; an entry goes when its statistics do
         self._factors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -83,13 +83,13 @@ class SparseGPTMethod(WeightPruningMethod):
         self, weight: torch.Tensor, stats: HessianStats, sparsity: float, structure: Structure, name: str
     ):
         try:
-            U, dead, info = self._inverse_factor(stats)
+            U, info = self._inverse_factor(stats)
         except DampeningError as exc:
             raise PruningCheckError(
                 f"{name}: SparseGPT could not invert the Hessian of its inputs ({exc}). Use more calibration text "
                 "(nsamples x seqlen well above the layer's input width), raise percdamp, or use wanda."
             ) from exc
-        new_weight, mask = sparsegpt_prune_factored(weight, U, dead, sparsity, structure, self.config.blocksize)
+        new_weight, mask = sparsegpt_prune_factored(weight, U, info.dead, sparsity, structure, self.config.blocksize)
         if info.raised:
             logger.warning(
                 "%s: Hessian not positive definite at percdamp=%g; used %g x mean(diag H).",
@@ -102,22 +102,20 @@ class SparseGPTMethod(WeightPruningMethod):
             self.dead_inputs[name] = info.dead_inputs
         return new_weight, mask
 
-    def _inverse_factor(self, stats: HessianStats) -> tuple[torch.Tensor, torch.Tensor, SolveInfo]:
+    def _inverse_factor(self, stats: HessianStats) -> tuple[torch.Tensor, SolveInfo]:
         """The upper Cholesky factor of the damped inverse Hessian, computed in place of the statistics' H (a copy
         kept outside the working memory refills it if a dampening level fails: ``OffloadedCopy``)."""
         cached = self._factors.get(stats)
         if cached is None:
             H = stats.consume()
-            dead = H.diagonal() == 0
             backup = _backup(H)
             try:
                 restore = backup.restore_into if backup is not None else None
-                info = inverse_cholesky_upper_(H, self.config.percdamp, restore, dead=dead)
+                info = inverse_cholesky_upper_(H, self.config.percdamp, restore)
             finally:
                 if backup is not None:
                     backup.close()
-            info.dead_inputs = int(dead.sum())
-            cached = self._factors[stats] = (H, dead, info)
+            cached = self._factors[stats] = (H, info)
         return cached
 
     def run(self, ctx: PruneContext) -> StepReport:

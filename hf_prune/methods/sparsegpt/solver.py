@@ -31,6 +31,7 @@ class SolveInfo:
     damp_fraction: float  # dampening actually used, as a fraction of mean(diag(H))
     tries: list[float] = field(default_factory=list)  # every fraction tried, in order
     dead_inputs: int = 0  # input channels that never saw a non-zero activation
+    dead: torch.Tensor | None = None  # which they are (H's zero diagonal entries)
 
     @property
     def raised(self) -> bool:
@@ -42,21 +43,21 @@ def inverse_cholesky_upper_(
     percdamp: float,
     restore: Callable[[torch.Tensor], None] | None = None,
     max_tries: int = 6,
-    dead: torch.Tensor | None = None,
 ) -> SolveInfo:
     """In place: ``work`` (float32) holds H on entry and the upper Cholesky factor of (H + damp * I)^-1 on success,
     the dampening raised tenfold until H + damp * I is positive definite.
 
     The factorisation, the inverse and the factor of the inverse overwrite ``work``, so the solve needs no n x n
     matrix besides it (a 14336-wide Hessian is 0.8 GiB). A failed try leaves ``work`` destroyed: ``restore(work)``
-    refills it with H for the next try; without ``restore`` the first failure raises. ``dead``: input channels
-    whose zero diagonal entry is set to 1. Raises DampeningError if ``max_tries`` levels all fail.
+    refills it with H for the next try; without ``restore`` the first failure raises. Dead inputs (a zero diagonal
+    entry: the channel never saw a non-zero activation) get a diagonal of 1; ``info.dead`` says which. Raises
+    DampeningError if ``max_tries`` levels all fail.
     """
-    info = SolveInfo(damp_fraction=percdamp)
-    fraction = percdamp
     diag = work.diagonal()
-    if dead is not None:
-        diag[dead] = 1.0
+    dead = diag == 0
+    info = SolveInfo(damp_fraction=percdamp, dead_inputs=int(dead.sum()), dead=dead)
+    fraction = percdamp
+    diag[dead] = 1.0
     mean_diag = float(diag.mean())
     if mean_diag <= 0 or not all_finite(work):
         raise DampeningError(f"the Hessian is degenerate (mean diagonal {mean_diag:g}, or non-finite entries)")
@@ -66,8 +67,7 @@ def inverse_cholesky_upper_(
             if restore is None:
                 break
             restore(work)
-            if dead is not None:
-                diag[dead] = 1.0
+            diag[dead] = 1.0
         info.tries.append(fraction)
         diag.add_(fraction * mean_diag)
         # LAPACK / cuSOLVER work on column-major matrices: on the column-major view of ``work`` (H is symmetric, so
@@ -84,12 +84,10 @@ def inverse_cholesky_upper_(
     raise DampeningError(f"not positive definite with dampening up to {info.tries[-1]:g} x mean(diag(H))")
 
 
-def inverse_cholesky_upper(
-    H: torch.Tensor, percdamp: float, max_tries: int = 6, dead: torch.Tensor | None = None
-) -> tuple[torch.Tensor, SolveInfo]:
+def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, max_tries: int = 6) -> tuple[torch.Tensor, SolveInfo]:
     """``inverse_cholesky_upper_`` on a float32 copy of ``H`` (which is not modified): (the factor, info)."""
     work = H.detach().to(torch.float32, copy=True)
-    info = inverse_cholesky_upper_(work, percdamp, lambda w: w.copy_(H), max_tries=max_tries, dead=dead)
+    info = inverse_cholesky_upper_(work, percdamp, lambda w: w.copy_(H), max_tries=max_tries)
     return work, info
 
 
@@ -118,10 +116,8 @@ def sparsegpt_prune(
         blocksize: columns per lazy-update block (128 in the paper). For N:M it is rounded down to a multiple of M.
         percdamp: dampening as a fraction of mean(diag(H)); raised tenfold while H is not positive definite.
     """
-    dead = torch.diag(H) == 0
-    U, info = inverse_cholesky_upper(H, percdamp, dead=dead)
-    info.dead_inputs = int(dead.sum())
-    new_weight, mask = sparsegpt_prune_factored(weight, U, dead, sparsity, structure, blocksize)
+    U, info = inverse_cholesky_upper(H, percdamp)
+    new_weight, mask = sparsegpt_prune_factored(weight, U, info.dead, sparsity, structure, blocksize)
     return new_weight, mask, info
 
 
