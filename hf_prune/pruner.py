@@ -16,8 +16,8 @@ from .assets import is_packaged, resolve_packaged_model
 from .checkpoint import assert_finite_parameters, atomic_write_folder, check_model_source, check_output_dir
 from .errors import PruningCheckError, RecipeError
 from .eval.perplexity import PERPLEXITY_CONVENTION, perplexity
-from .methods.base import PruningMethod
-from .methods.context import PruneContext
+from .pruning.base import PruningMethod
+from .pruning.context import PruneContext
 from .recipe import EvalConfig, Recipe
 from .registry import get_method
 from .report import PruningReport, count_parameters
@@ -125,7 +125,7 @@ def _check_snapshot_room(folder: Path, model_bytes: int) -> None:
 
 
 def _resumable(method: PruningMethod) -> bool:
-    from .methods.weight_pruning import WeightPruningMethod
+    from .pruning.weight_pruning import WeightPruningMethod
 
     if getattr(method.config, "component", "language") != "language":
         return False
@@ -282,7 +282,7 @@ class HFPruner:
             self.model = ctx.model  # a step may rebuild the model (slicing) or change its structure (depth)
             self.adapter = ctx.adapter = ModelAdapter(self.model)
             if work is not None:
-                from .methods.weight_pruning import WeightPruningMethod
+                from .pruning.weight_pruning import WeightPruningMethod
 
                 structural = not isinstance(method, WeightPruningMethod)
                 if not (structural and index == len(methods) - 1):  # a last structural step is redone, not saved
@@ -307,7 +307,7 @@ class HFPruner:
 
     def _open_work_folder(self, ctx: PruneContext, methods: list[PruningMethod], place, work_dir):
         """The resumable prune's work folder, its saved blocks loaded into the model (see ``hf_prune.resume``)."""
-        from .methods.weight_pruning import WeightPruningMethod
+        from .pruning.weight_pruning import WeightPruningMethod
         from .resume import WorkFolder, fingerprint, work_folder_for
 
         refused = [m.config.method for m in methods if not _resumable(m)]

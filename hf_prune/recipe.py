@@ -12,7 +12,7 @@ from .calibration.config import CalibrationConfig
 from .configuration import StrictConfig, reject_unknown_keys
 from .errors import RecipeError
 from .heal.config import HealConfig
-from .methods.base import StepConfig
+from .pruning.base import StepConfig
 from .registry import get_method
 
 

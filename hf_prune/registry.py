@@ -37,4 +37,8 @@ def available_methods() -> list[str]:
 
 
 def _load_builtin_methods() -> None:
-    from . import methods  # noqa: F401  (importing the package registers the built-in methods)
+    """Register the built-in methods on first use (importing them pulls in torch and transformers)."""
+    from .methods import BUILTIN_METHODS
+
+    for name, config_cls, method_cls in BUILTIN_METHODS:
+        register_method(name, config_cls, method_cls)

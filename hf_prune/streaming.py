@@ -27,8 +27,8 @@ from .adapters import ModelAdapter
 from .checkpoint import atomic_write_folder, check_model_source, check_output_dir, read_safetensors_header
 from .checkpoint_layout import to_checkpoint_layout, to_model_layout
 from .errors import HFPruneError, PruningCheckError, RecipeError
-from .methods.context import PruneContext
 from .placement import Placement, compute_dtype_for, model_dtype, resolve_device
+from .pruning.context import PruneContext
 from .recipe import Recipe
 from .registry import get_method
 from .report import PruningReport

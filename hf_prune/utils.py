@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import resource
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+from .errors import HFPruneError
 
 logger = logging.getLogger("hf_prune")
 
@@ -199,3 +203,11 @@ class OffloadedCopy:
 def _bytes_of(tensor: torch.Tensor):
     """A writable byte view (numpy) of a contiguous host tensor's storage, any dtype (bf16 included)."""
     return tensor.view(-1).view(torch.uint8).numpy()
+
+
+def installed_package_folder(module: str, pip: str) -> Path:
+    """An installed package's folder, found without importing it (an actionable error naming ``pip`` if absent)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise HFPruneError(f"The package '{module}' is not installed. Install it with: {pip}")
+    return Path(list(spec.submodule_search_locations)[0])

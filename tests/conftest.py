@@ -149,7 +149,7 @@ def tokenizer(smollm2_path):
 @pytest.fixture(scope="session")
 def calib_texts() -> list[str]:
     """Real text for tiny-model calibration: Wikipedia extracts from the back half (the evaluation never reads it)."""
-    from hf_prune.assets import wikipedia_tail_documents
+    from hf_prune.calibration.builtin_texts import wikipedia_tail_documents
 
     return wikipedia_tail_documents()[:400]
 

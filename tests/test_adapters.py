@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import FalconConfig, FalconForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import BloomConfig, BloomForCausalLM, PretrainedConfig, PreTrainedModel
 
 from hf_prune.adapters import FAMILIES, ModelAdapter, in_features, weight_out_in
 from hf_prune.errors import UnsupportedModelError
@@ -57,8 +57,8 @@ def test_gpt2_conv1d_weight_is_viewed_out_by_in():
 
 def test_family_outside_table_falls_back_to_no_split_modules():
     torch.manual_seed(0)
-    config = FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-    model = FalconForCausalLM(config).eval()
+    config = BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
+    model = BloomForCausalLM(config).eval()
     assert config.model_type not in FAMILIES
     adapter = ModelAdapter(model)
     assert adapter.family.startswith("fallback:") and adapter.blocks_path == "transformer.h"

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_prune.adapters import ModelAdapter, weight_out_in
 from hf_prune.cli import main
-from hf_prune.methods.masks import nm_violations
+from hf_prune.pruning.masks import nm_violations
 
 from .conftest import make_tiny_model
 

@@ -48,8 +48,8 @@ def test_ppl_delta_of_an_identity_block_equals_the_dense_perplexity(tokenizer, t
     model = _make_identity(make_tiny_model("llama", layers=4), 1)
     recipe = tiny_recipe({"method": "depth", "criterion": "ppl_delta", "num_blocks": 1, "ppl_nsamples": 2})
     pruner = HFPruner(model, tokenizer, recipe)
-    from hf_prune.methods.context import PruneContext
     from hf_prune.methods.depth.method import DepthConfig, DepthMethod
+    from hf_prune.pruning.context import PruneContext
 
     ctx = PruneContext(model, tokenizer, ModelAdapter(model), pruner.recipe.calibration)
     method = DepthMethod(DepthConfig.from_dict({"method": "depth", "criterion": "ppl_delta", "num_blocks": 1}))

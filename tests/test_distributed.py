@@ -129,6 +129,22 @@ def test_ranks_with_uneven_shares_of_the_windows_walk_alike(saved, tmp_path, cal
     assert details["order"].startswith("true-sequential (one pass per input group")
 
 
+def test_ranks_agree_on_the_automatic_chunk_size(saved, tmp_path, calib_file):
+    """No batch_size: each rank sizes its chunks from its own free memory, and every rank takes the smallest size
+    (rank 1 sees room for 2 of its 4 windows, rank 0 for all of them): both walk 2 chunks, as one process would."""
+    from hf_prune.calibration.engine import estimate_block_bytes_per_sample
+
+    src = saved("llama")
+    per_sample = estimate_block_bytes_per_sample(AutoModelForCausalLM.from_pretrained(src), 64)
+    calibration = {"source": calib_file, "nsamples": 8, "seqlen": 64, "seed": 0}
+    recipe = {"calibration": calibration, "steps": [{"method": "sparsegpt", "sparsity": 0.5}]}
+    room_for_two = str(int(2.5 * per_sample / 0.35))
+    result = torchrun(src, recipe, tmp_path / "out", env={"HF_PRUNE_TEST_RANK1_FREE_BYTES": room_for_two})
+    assert result.returncode == 0, result.stderr[-3000:]
+    details = json.loads((tmp_path / "out" / "pruning_report.json").read_text())["steps"][-1]["details"]
+    assert details["order"] == "true-sequential (one pass per input group, 2 chunks)"  # rank 0 writes the report
+
+
 def test_a_failing_rank_stops_every_rank_and_nothing_is_written(saved, tmp_path, calib_file):
     src = saved("llama")
     recipe = {

@@ -11,7 +11,7 @@ from hf_prune.adapters import ModelAdapter, weight_out_in
 from hf_prune.errors import HFPruneError
 from hf_prune.heal import kd_loss, kd_loss_topk, load_healing_adapter
 from hf_prune.heal.distill import teacher_topk
-from hf_prune.methods.masks import nm_violations
+from hf_prune.pruning.masks import nm_violations
 
 from .conftest import make_tiny_model
 

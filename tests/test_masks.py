@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_prune.methods.masks import (
+from hf_prune.pruning.masks import (
     Structure,
     expected_pruned,
     layer_mask,

@@ -10,7 +10,7 @@ from hf_prune import HFPruner
 from hf_prune.adapters import ModelAdapter
 from hf_prune.calibration.experts import expert_output, split_expert_call
 from hf_prune.errors import RecipeError
-from hf_prune.methods.masks import nm_violations
+from hf_prune.pruning.masks import nm_violations
 
 from .conftest import MOE_FAMILIES, make_tiny_model
 
@@ -130,9 +130,9 @@ def test_routers_are_pruned_only_when_named(tokenizer, tiny_recipe):
 
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_all_tokens_calibration_changes_statistics_not_outputs(tokenizer, tiny_recipe, true_sequential):
+    from hf_prune.calibration.expert_stats import ExpertStatistics
     from hf_prune.calibration.stats import InputNormStats
-    from hf_prune.methods.context import PruneContext
-    from hf_prune.methods.expert_calibration import ExpertStatistics
+    from hf_prune.pruning.context import PruneContext
 
     model = make_tiny_model("qwen3_moe")
     adapter = ModelAdapter(model)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from hf_prune import HFPruner
 from hf_prune.adapters import ModelAdapter, weight_out_in
 from hf_prune.assets import resolve_packaged_model
-from hf_prune.methods.masks import nm_violations
+from hf_prune.pruning.masks import nm_violations
 
 pytestmark = pytest.mark.real_model
 

@@ -13,8 +13,8 @@ from hf_prune.calibration.data import sample_windows
 from hf_prune.calibration.engine import BlockwiseEngine
 from hf_prune.cli import main
 from hf_prune.errors import PruningCheckError, RecipeError
-from hf_prune.methods.masks import nm_violations
-from hf_prune.methods.reconstruction import MaskedWeights, ReconstructConfig, make_samples, output_error, refit_block
+from hf_prune.pruning.masks import nm_violations
+from hf_prune.pruning.reconstruction import MaskedWeights, ReconstructConfig, make_samples, output_error, refit_block
 
 from .conftest import make_tiny_model
 

@@ -10,7 +10,7 @@ import torch
 
 from hf_prune import HFPruner
 from hf_prune.errors import RecipeError
-from hf_prune.methods.weight_pruning import WeightPruningMethod
+from hf_prune.pruning.weight_pruning import WeightPruningMethod
 from hf_prune.resume import work_folder_for
 
 from .conftest import make_tiny_model

@@ -62,7 +62,7 @@ def test_speed_target_picks_among_candidates_that_reach_it(monkeypatch, tokenize
     """Latency replaced by a deterministic cost (the block parameters a forward touches), so the choice among
     candidates is tested without depending on this machine's load; the real clock runs in the benchmarks."""
     from hf_prune.adapters import ModelAdapter
-    from hf_prune.methods import shrink
+    from hf_prune.methods.shrink import method as shrink
 
     def block_cost(model, tokens, runs):
         return float(sum(p.numel() for b in ModelAdapter(model).blocks for p in b.parameters()))

@@ -8,9 +8,9 @@ from hf_prune import HFPruner, Recipe
 from hf_prune.adapters import ModelAdapter, weight_out_in
 from hf_prune.calibration.data import sample_windows
 from hf_prune.errors import RecipeError
-from hf_prune.methods.masks import Structure, nm_violations
-from hf_prune.methods.owl import outlier_ratio, owl_sparsities
 from hf_prune.methods.sparsegpt.solver import sparsegpt_prune
+from hf_prune.pruning.masks import Structure, nm_violations
+from hf_prune.pruning.owl import outlier_ratio, owl_sparsities
 
 from .conftest import FAMILIES, make_tiny_model
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hf_prune.methods.masks import Structure, nm_violations
 from hf_prune.methods.sparsegpt.solver import DampeningError, inverse_cholesky_upper, sparsegpt_prune
+from hf_prune.pruning.masks import Structure, nm_violations
 
 
 def reference_obs(W, H, sparsity, structure, blocksize, percdamp=0.01):

@@ -6,8 +6,8 @@ import torch
 from hf_prune import HFPruner
 from hf_prune.adapters import ModelAdapter, weight_out_in
 from hf_prune.calibration.data import sample_windows
-from hf_prune.methods.masks import nm_violations
-from hf_prune.methods.wanda.scores import wanda_scores
+from hf_prune.pruning.masks import nm_violations
+from hf_prune.pruning.scores import wanda_scores
 
 from .conftest import FAMILIES, make_tiny_model
 
@@ -146,9 +146,9 @@ def test_wanda_beats_magnitude_on_a_tiny_model_output_error(tokenizer, tiny_reci
 def test_the_mask_built_a_slab_of_rows_at_a_time_is_the_whole_matrix_mask(structure, monkeypatch):
     """Wanda compares each row on its own, so scoring slabs of rows (bounded memory) changes no mask entry."""
     from hf_prune.calibration.stats import InputNormStats
-    from hf_prune.methods.masks import parse_structure, select_mask
     from hf_prune.methods.wanda import method as wanda
-    from hf_prune.methods.wanda import scores
+    from hf_prune.pruning import scores
+    from hf_prune.pruning.masks import parse_structure, select_mask
 
     torch.manual_seed(0)
     weight = torch.randn(37, 24).to(torch.bfloat16)

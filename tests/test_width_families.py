@@ -94,19 +94,73 @@ def test_a_family_with_a_known_layout_prunes_width_into_its_own_class_or_refuses
         )
 
 
-@pytest.mark.parametrize(
-    "config_name, common",
-    [
-        ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3)),
-        ("Lfm2Config", COMMON),  # convolution and attention blocks of different layouts
-    ],
-)
-def test_other_layouts_are_refused_before_any_work(config_name, common, tokenizer, tiny_recipe):
-    model = _tiny(config_name, **common)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match="no layout hf_prune knows"):
-        HFPruner(model, tokenizer, tiny_recipe({"method": "width", "mlp": 0.5})).prune()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3)
+HEAD_DIM_FROM_HIDDEN = "derives head_dim from hidden_size"
+# families with their own table rows beyond the common layouts: (config class, config values, {axis: the refusal})
+OWN_ROWS = {
+    "falcon-7b": ("FalconConfig", FALCON, {"heads": HEAD_DIM_FROM_HIDDEN, "hidden": HEAD_DIM_FROM_HIDDEN}),
+    "falcon-40b": (  # grouped fused q/k/v, two parallel norms
+        "FalconConfig",
+        {**FALCON, "new_decoder_architecture": True, "num_kv_heads": 2},
+        {"heads": HEAD_DIM_FROM_HIDDEN, "hidden": HEAD_DIM_FROM_HIDDEN},
+    ),
+    "lfm2": (  # convolution and attention blocks; the convolutions' channels are hidden_size wide
+        "Lfm2Config",
+        {**COMMON, "num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+        {"hidden": "conv.conv.weight would be"},
+    ),
+}
+DOWN = {"falcon": "mlp.dense_4h_to_h", "lfm2": "feed_forward.w2"}
+
+
+@pytest.mark.parametrize("name", list(OWN_ROWS))
+@pytest.mark.parametrize("axis", ["mlp", "heads", "hidden"])
+def test_falcon_and_lfm2_prune_width_or_refuse_first(name, axis, tokenizer, tiny_recipe, tmp_path):
+    config_name, values, refused = OWN_ROWS[name]
+    model = _tiny(config_name, **values)
+    pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", axis: AMOUNT[axis]}))
+    assert pruner.adapter.family == model.config.model_type
+    if axis in refused:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(UnsupportedModelError, match=refused[axis]):
+            pruner.prune()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+
+    def width(m):  # MLP neurons as built (LFM2 derives them from intermediate_size unless told not to), KV heads
+        if axis == "mlp":
+            return m.get_submodule(f"{pruner.adapter.blocks_path}.1.{DOWN[m.config.model_type]}").in_features
+        return m.config.num_key_value_heads
+
+    width_before = width(model)
+    pruner.prune()
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
+    assert type(reloaded) is type(model) and width(reloaded) < width_before
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
+        gen = dict(max_new_tokens=5, do_sample=False)
+        assert torch.equal(
+            reloaded.generate(input_ids=IDS, **gen), reloaded.generate(input_ids=IDS, use_cache=False, **gen)
+        )
+
+
+@pytest.mark.parametrize("name", list(OWN_ROWS))
+def test_falcon_and_lfm2_remove_blocks_with_compensation(name, tokenizer, tiny_recipe, tmp_path):
+    """Falcon adds the attention output into the MLP's output tensor in place: a map fitted on that tensor (not a
+    copy taken when the MLP returns it) would see attention + MLP and the residual check would refuse the block."""
+    config_name, values, _ = OWN_ROWS[name]
+    model = _tiny(config_name, **values)
+    layers = model.config.num_hidden_layers
+    step = {"method": "depth", "blocks": [1], "compensate": "least_squares"}
+    pruner = HFPruner(model, tokenizer, tiny_recipe(step))
+    report = pruner.prune()
+    (entry,) = report.steps[0].details["compensation"]
+    writer = f"{pruner.adapter.blocks_path}.0.{DOWN[model.config.model_type]}"
+    assert entry["writer"] == writer and entry["error_removed"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
+    assert reloaded.config.num_hidden_layers == layers - 1
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
 
 
 def test_where_the_norms_sit_decides_the_layout(tokenizer, tiny_recipe):

@@ -72,6 +72,7 @@ def test_what_a_llava_cannot_narrow_is_refused_before_any_work(key, message, tok
 
 PROJECTOR_OUT = {  # the projector tensor that writes image features into the stream, and its stream dimension
     "idefics3": ("model.connector.modality_projection.proj.weight", 0),
+    "smolvlm": ("model.connector.modality_projection.proj.weight", 0),
     "gemma3": ("model.multi_modal_projector.mm_input_projection_weight", 1),
 }
 

@@ -62,8 +62,9 @@ def tiny_vlm(family: str, seed: int = 0):
         )
         image_id = 998
         extra = {"pixel_values": torch.randn(64, 1176), "image_grid_thw": torch.tensor([[1, 8, 8]])}
-    elif family == "idefics3":
-        config = T.Idefics3Config(
+    elif family in ("idefics3", "smolvlm"):  # SmolVLM: its own classes around Idefics3's connector
+        config_class = T.Idefics3Config if family == "idefics3" else T.SmolVLMConfig
+        config = config_class(
             text_config=dict(model_type="llama", **TEXT),
             vision_config=SIGLIP,
             image_token_id=999,

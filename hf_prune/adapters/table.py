@@ -164,6 +164,42 @@ GPT2 = ArchSpec(
 )
 
 
+# Falcon: fused q/k/v (multi-query: [q heads; k; v], or grouped with new_decoder_architecture), one LayerNorm feeding
+# attention and MLP side by side (parallel_attn; Falcon-40B/180B's ln_attn / ln_mlp are two such norms).
+FALCON = ArchSpec(
+    blocks="transformer.h",
+    linears={
+        "qkv": "self_attention.query_key_value",
+        "o": "self_attention.dense",
+        "up": "mlp.dense_h_to_4h",
+        "down": "mlp.dense_4h_to_h",
+    },
+    norms={"attn_in": "input_layernorm"},
+    embeddings=("transformer.word_embeddings",),
+    final_norm="transformer.ln_f",
+    attention="self_attention",
+)
+
+# LFM2: blocks are either attention or a gated short convolution (conv.in_proj / conv.conv / conv.out_proj, same
+# norms); every block has the SwiGLU feed-forward. A conv block's linears keep their own names as roles.
+LFM2 = ArchSpec(
+    blocks="model.layers",
+    linears={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj",
+        "gate": "feed_forward.w1",
+        "up": "feed_forward.w3",
+        "down": "feed_forward.w2",
+    },
+    norms={"attn_in": "operator_norm", "mlp_in": "ffn_norm"},
+    embeddings=("model.embed_tokens",),
+    final_norm="model.embedding_norm",
+    mlp="feed_forward",
+)
+
+
 # Vision-language models: where the language model, the vision tower's blocks and the projector live. The language
 # model's own layout comes from the text family's row above (text_config.model_type), with paths prefixed.
 @dataclass(frozen=True)
@@ -305,6 +341,8 @@ FAMILIES: dict[str, ArchSpec] = {
     "phi3": PHI3,
     "opt": OPT,
     "gpt2": GPT2,
+    "falcon": FALCON,
+    "lfm2": LFM2,
     "qwen3_moe": QWEN_MOE,
     "olmoe": QWEN_MOE,
     "mixtral": MIXTRAL,
@@ -357,12 +395,15 @@ LAYOUT_TEMPLATES: dict[str, ArchSpec] = {
 class WidthSpec:
     """mlp_key: config key of the MLP intermediate width. heads: attention reads head_dim and the head counts from
     the config (not from hidden_size), so heads can be removed in a plain checkpoint. mlp_bias_key /
-    attention_bias_key: the config flag that gives down / o a bias (None: the module has one already, or cannot)."""
+    attention_bias_key: the config flag that gives down / o a bias (None: the module has one already, or cannot).
+    mlp_fixed: config values written with a new MLP width so the model takes it as written (LFM2 otherwise derives
+    its width from intermediate_size)."""
 
     mlp_key: str = "intermediate_size"
     heads: bool = True
     mlp_bias_key: str | None = None
     attention_bias_key: str | None = None
+    mlp_fixed: tuple[tuple[str, object], ...] = ()
 
 
 _GEMMA_WIDTH = WidthSpec(attention_bias_key="attention_bias")
@@ -377,4 +418,6 @@ WIDTH_FAMILIES: dict[str, WidthSpec] = {
     "opt": WidthSpec(mlp_key="ffn_dim", heads=False),  # attention derives head_dim from hidden_size
     "gpt2": WidthSpec(mlp_key="n_inner", heads=False),  # the same; and c_attn fuses q/k/v
     "phi3": WidthSpec(),  # fused qkv_proj / gate_up_proj: each part's rows cut alike
+    "falcon": WidthSpec(mlp_key="ffn_hidden_size", heads=False),  # head_dim = hidden_size / num_attention_heads
+    "lfm2": WidthSpec(mlp_fixed=(("block_auto_adjust_ff_dim", False),)),  # 2/3 and multiple_of rounding otherwise
 }

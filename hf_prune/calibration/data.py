@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..assets import BUILTIN_TEXTS, builtin_documents
 from ..errors import CalibrationDataError
 from ..utils import logger
+from .builtin_texts import BUILTIN_TEXTS, builtin_documents
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json")
 

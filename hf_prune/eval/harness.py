@@ -72,7 +72,7 @@ def task_dir() -> Path:
     target = Path(cache_dir()) / "lm_eval_tasks" / TASKS_VERSION
     if (target / "wikipedia_lead_mc.yaml").exists():
         return target
-    from ..assets import wikipedia_documents
+    from ..calibration.builtin_texts import wikipedia_documents
 
     docs = wikipedia_documents()
     head = docs[: len(docs) // 2]

@@ -20,7 +20,7 @@ from ..adapters import ModelAdapter, is_transposed, zero_fraction
 from ..calibration.data import load_documents, sample_windows
 from ..calibration.engine import model_device
 from ..errors import HFPruneError, PruningCheckError, RecipeError
-from ..methods.targets import select_targets
+from ..pruning.targets import select_targets
 from ..utils import logger
 from .config import HealConfig
 from .distill import hidden_loss, kd_loss, kd_loss_topk, teacher_topk

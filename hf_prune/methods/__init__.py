@@ -1,6 +1,5 @@
-"""Built-in pruning methods; importing this package registers them."""
+"""Built-in pruning methods, one folder each; ``hf_prune.registry`` registers them by name (``BUILTIN_METHODS``)."""
 
-from ..registry import register_method
 from .depth import DepthConfig, DepthMethod
 from .experts import ExpertsConfig, ExpertsMethod
 from .magnitude import MagnitudeConfig, MagnitudeMethod
@@ -11,17 +10,21 @@ from .visual_tokens import VisualTokensConfig, VisualTokensMethod
 from .wanda import WandaConfig, WandaMethod
 from .width import WidthConfig, WidthMethod
 
-register_method("magnitude", MagnitudeConfig, MagnitudeMethod)
-register_method("wanda", WandaConfig, WandaMethod)
-register_method("sparsegpt", SparseGPTConfig, SparseGPTMethod)
-register_method("depth", DepthConfig, DepthMethod)
-register_method("experts", ExpertsConfig, ExpertsMethod)
-register_method("slicegpt", SliceGPTConfig, SliceGPTMethod)
-register_method("visual_tokens", VisualTokensConfig, VisualTokensMethod)
-register_method("width", WidthConfig, WidthMethod)
-register_method("shrink", ShrinkConfig, ShrinkMethod)
+# (name in recipes, config class, method class)
+BUILTIN_METHODS = (
+    ("magnitude", MagnitudeConfig, MagnitudeMethod),
+    ("wanda", WandaConfig, WandaMethod),
+    ("sparsegpt", SparseGPTConfig, SparseGPTMethod),
+    ("depth", DepthConfig, DepthMethod),
+    ("experts", ExpertsConfig, ExpertsMethod),
+    ("slicegpt", SliceGPTConfig, SliceGPTMethod),
+    ("visual_tokens", VisualTokensConfig, VisualTokensMethod),
+    ("width", WidthConfig, WidthMethod),
+    ("shrink", ShrinkConfig, ShrinkMethod),
+)
 
 __all__ = [
+    "BUILTIN_METHODS",
     "DepthConfig",
     "DepthMethod",
     "ExpertsConfig",

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..assets import wikipedia_tail_documents
+from ..calibration.builtin_texts import wikipedia_tail_documents
 from ..errors import CalibrationDataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -17,10 +17,10 @@ from ...adapters import ModelAdapter, get_submodule
 from ...calibration.engine import hooks, model_device
 from ...calibration.stats import CosineStats
 from ...errors import PruningCheckError, RecipeError, UnsupportedModelError
+from ...pruning.base import PruneContext, PruningMethod, StepConfig
 from ...report import StepReport
 from ...surgery import remove_blocks, structure_mismatch
 from ...utils import logger
-from ..base import PruneContext, PruningMethod, StepConfig
 from .compensation import RunStatistics, fit_map, squared_error
 from .scores import allowed_blocks, angular_distance, best_consecutive_run, lowest_scoring, random_blocks
 from .writers import mlp_writer
@@ -388,7 +388,9 @@ def _check_plain_residual(name: str, x: torch.Tensor, attention: torch.Tensor, m
 
 
 def _recorder(store: list[torch.Tensor]):
-    return lambda module, args, out: store.append((out[0] if isinstance(out, tuple) else out).detach())
+    """Keeps a copy of a module's output: the block may add to it in place afterwards (Falcon adds the attention
+    output into the MLP's)."""
+    return lambda module, args, out: store.append((out[0] if isinstance(out, tuple) else out).detach().clone())
 
 
 def removed_runs(chosen: list[int]) -> list[tuple[int, int]]:

@@ -14,10 +14,10 @@ from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import hooks
 from ...calibration.experts import ExpertCall, expert_call_hooks, expert_output
 from ...errors import RecipeError
+from ...pruning.base import PruneContext, PruningMethod, StepConfig
 from ...report import StepReport
 from ...surgery import remove_experts, text_config
 from ...utils import logger
-from ..base import PruneContext, PruningMethod, StepConfig
 from .scores import ExpertScores, lowest, random_scores
 
 CRITERIA = ("reap", "frequency", "random")

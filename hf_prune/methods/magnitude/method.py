@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import RecipeError
-from ..masks import Structure, select_mask
-from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
+from ...pruning.masks import Structure, select_mask
+from ...pruning.weight_pruning import WeightPruningConfig, WeightPruningMethod
 
 
 @dataclass

@@ -14,9 +14,9 @@ from ... import distributed
 from ...adapters import LinearRef, ModelAdapter, get_submodule, weight_out_in
 from ...calibration.engine import BlockwiseEngine, hooks
 from ...errors import RecipeError, UnsupportedModelError
+from ...pruning.base import PruneContext, PruningMethod, StepConfig
 from ...report import StepReport
 from ...utils import logger
-from ..base import PruneContext, PruningMethod, StepConfig
 from . import rotation as R
 from .runtime import add_shortcuts, resize_module, to_rms_layernorm
 

@@ -11,11 +11,11 @@ import torch
 from ...adapters import WeightRef
 from ...calibration.stats import HessianStats
 from ...errors import PruningCheckError, RecipeError
+from ...pruning.context import PruneContext
+from ...pruning.masks import Structure
+from ...pruning.weight_pruning import WeightPruningConfig, WeightPruningMethod
 from ...report import StepReport
 from ...utils import OffloadedCopy, available_memory_bytes, human_bytes, logger
-from ..context import PruneContext
-from ..masks import Structure
-from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
 from .solver import DampeningError, SolveInfo, inverse_cholesky_upper_, sparsegpt_prune_factored
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...pruning.masks import Structure, num_pruned
 from ...utils import all_finite
-from ..masks import Structure, num_pruned
 
 UNSTRUCTURED = Structure()
 

@@ -8,9 +8,9 @@ import torch
 
 from ...adapters import WeightRef
 from ...calibration.stats import InputNormStats
-from ..masks import Structure, select_mask
-from ..weight_pruning import WeightPruningConfig, WeightPruningMethod
-from .scores import wanda_score_slabs
+from ...pruning.masks import Structure, select_mask
+from ...pruning.scores import wanda_score_slabs
+from ...pruning.weight_pruning import WeightPruningConfig, WeightPruningMethod
 
 
 @dataclass

@@ -12,9 +12,9 @@ from torch import nn
 from ...adapters import ExpertRef, ModelAdapter
 from ...adapters.experts import expert_count, is_fused
 from ...calibration.engine import BlockStep
+from ...calibration.expert_stats import ExpertStatistics
 from ...calibration.experts import ROUTED
 from ...errors import UnsupportedModelError
-from ..expert_calibration import ExpertStatistics
 from .scores import ChannelStats, channel_scores, keep_top, refit_kept_columns, refit_summary
 
 # config keys that may hold each kind of MLP width, most specific first

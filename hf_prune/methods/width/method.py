@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapters import LinearRef, ModelAdapter, WidthSpec, weight_out_in
+from ...adapters import LinearRef, ModelAdapter, WidthSpec, get_submodule, weight_out_in
 from ...calibration.engine import BlockStep, hooks
 from ...errors import RecipeError, UnsupportedModelError
+from ...pruning.base import PruningMethod, StepConfig
+from ...pruning.context import PruneContext
 from ...report import StepReport
 from ...surgery import keep_inputs, keep_outputs, rebuild_plain, updated_config
 from ...utils import logger
-from ..base import PruningMethod, StepConfig
-from ..context import PruneContext
 from . import experts as X
 from . import scores as S
 from .hidden import READERS, StreamCut, StreamRecorder, stream_sites
@@ -215,7 +215,13 @@ class WidthMethod(PruningMethod):
             if problem:
                 raise UnsupportedModelError(
                     f"width: {family}'s config cannot describe the narrowed model ({problem}). Nothing was changed; "
-                    + ("try mlp only, or per_block: true." if c.heads else "please report the architecture.")
+                    + (
+                        "the stream cannot narrow in this family; use mlp and heads."
+                        if c.hidden
+                        else "try mlp only, or per_block: true."
+                        if c.heads
+                        else "please report the architecture."
+                    )
                 )
         if c.per_block:
             from ..slicegpt.method import SLICEABLE
@@ -261,7 +267,9 @@ class WidthMethod(PruningMethod):
         old = {geo.heads * geo.head_dim, geo.kv_heads * geo.head_dim}
         shapes = {}
         for i in range(adapter.num_blocks):
-            attention = adapter.blocks[i].get_submodule(adapter.spec.attention)
+            attention = get_submodule(adapter.blocks[i], adapter.spec.attention)
+            if attention is None:  # a block without attention (LFM2's convolutions)
+                continue
             linears = {f"{r.local}." for r in adapter.linears(i)}
             prefix = f"{adapter.block_name(i)}.{adapter.spec.attention}."
             for name, p in attention.named_parameters():
@@ -400,8 +408,8 @@ class WidthMethod(PruningMethod):
                 errors[part] = self._cut(
                     refs, part, S.keep_top(self._scores(consumer, stats.get(part)), widths[part]), stats
                 )
-        attn = ctx.adapter.blocks[index].get_submodule(ctx.adapter.spec.attention) if c.heads else None
-        if c.heads:
+        attn = get_submodule(ctx.adapter.blocks[index], ctx.adapter.spec.attention) if c.heads else None
+        if "heads" in parts:
             q_keep, kv_keep = self._head_keep(refs, stats.get("heads"), plan.unit_keep)
             errors["heads"] = self._cut(refs, "heads", q_keep, stats, kv_keep)
             _keep_head_vectors(attn, q_keep[:: self.geo.head_dim] // self.geo.head_dim, self.geo.heads)
@@ -430,7 +438,7 @@ class WidthMethod(PruningMethod):
         """The requested parts this block has (a dense block its MLP, an MoE block its shared expert; heads)."""
         c = self.config
         parts = [p for p in ("mlp", "shared") if c.mlp and PARTS[p][1] in refs]
-        return parts + (["heads"] if c.heads else [])
+        return parts + (["heads"] if c.heads and "o" in refs else [])  # LFM2's convolution blocks: no attention
 
     def _head_keep(self, refs, stats, unit_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Channels of o's input (= q's output rows) and of k/v's output rows to keep."""
@@ -535,6 +543,7 @@ class WidthMethod(PruningMethod):
             updates.update(self.moe_updates)  # found on the dense model in preflight
         else:
             updates[spec.mlp_key] = plan.mlp_keep
+            updates.update(spec.mlp_fixed)
         if c.compensate == "bias":
             for part, flag in (("mlp", spec.mlp_bias_key), ("heads", spec.attention_bias_key)):
                 if getattr(c, part) and flag is not None:
@@ -590,8 +599,8 @@ class WidthMethod(PruningMethod):
         """Query heads per KV head of every attention module (what the runtime sets on it)."""
         out = {}
         for i, block in enumerate(adapter.blocks):
-            attn = block.get_submodule(adapter.spec.attention)
-            if hasattr(attn, "num_key_value_groups"):
+            attn = get_submodule(block, adapter.spec.attention)
+            if attn is not None and hasattr(attn, "num_key_value_groups"):
                 out[f"{adapter.block_name(i)}.{adapter.spec.attention}"] = int(attn.num_key_value_groups)
         return out
 

@@ -21,8 +21,8 @@ import torch
 from .. import distributed
 from ..adapters import MoESpec, WeightRef
 from ..adapters.experts import expert_count, is_fused
-from ..calibration.engine import BlockStep, hooks
-from ..calibration.experts import (
+from .engine import BlockStep, hooks
+from .experts import (
     ALL,
     ROUTED,
     ExpertCall,

@@ -15,9 +15,10 @@ import torch
 
 from ..adapters import ModelAdapter, WeightRef
 from ..calibration.engine import BlockwiseEngine, hooks
+from ..calibration.expert_stats import ExpertStatistics
 from ..calibration.stats import InputNormStats
-from .expert_calibration import ExpertStatistics
-from .wanda.scores import wanda_score_slabs
+from .scores import wanda_score_slabs
+from .targets import split_refs
 
 
 def outlier_ratio(scores: Iterable[torch.Tensor], m: float) -> float:
@@ -73,7 +74,6 @@ def measure_outlier_ratios(
 ) -> dict[int, float]:
     """One dense pass: each block's outlier ratio of Wanda scores over its targets (routed experts scored on the
     tokens routed to them)."""
-    from .weight_pruning import split_refs
 
     ratios: dict[int, float] = {}
     for step in engine.walk(desc="owl: outlier ratios"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..adapters import DEFAULT_EXCLUDED_ROLES, LINEAR_ROLES, ROUTER_ROLE, ModelAdapter, WeightRef
+from ..adapters import DEFAULT_EXCLUDED_ROLES, LINEAR_ROLES, ROUTER_ROLE, LinearRef, ModelAdapter, WeightRef
 from ..errors import RecipeError
 from ..utils import count_zeros
 
@@ -114,3 +114,8 @@ class Coverage:
             "sparsity_all_block_weights": round(c["zeros"] / max(c["block_weights"], 1), 6),
             "untouched": list(self.groups.values()),
         }
+
+
+def split_refs(refs: list[WeightRef]) -> tuple[list[LinearRef], list[WeightRef]]:
+    """(plain linears, routed experts' matrices: fused views or per-expert linears)."""
+    return [r for r in refs if r.expert is None], [r for r in refs if r.expert is not None]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..errors import RecipeError, UnsupportedModelError
-from ..report import StepReport
-from ..vlm.tokens import STRATEGIES, enable_visual_token_pruning
-from .base import PruneContext, PruningMethod, StepConfig
+from ...errors import RecipeError, UnsupportedModelError
+from ...pruning.base import PruneContext, PruningMethod, StepConfig
+from ...report import StepReport
+from ...vlm.tokens import STRATEGIES, enable_visual_token_pruning
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..masks import row_slabs
+from .masks import row_slabs
 
 SCORE_ELEMENTS = 1 << 22  # scores made per slab of rows: 16 MiB of float32 (and a selection's indices) at a time
 

@@ -14,19 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter
-from ..calibration.data import calibration_batch
-from ..calibration.engine import model_device
-from ..errors import RecipeError
-from ..eval.perplexity import perplexity_of_tokens
-from ..report import StepReport
-from ..utils import logger
-from .base import PruningMethod, StepConfig
-from .context import PruneContext
-from .depth.method import COMPENSATIONS as DEPTH_COMPENSATIONS
-from .depth.method import DepthConfig, DepthMethod
-from .width.method import WidthConfig, WidthMethod
-from .width.scores import COMPENSATIONS, CRITERIA
+from ...adapters import ModelAdapter
+from ...calibration.data import calibration_batch
+from ...calibration.engine import model_device
+from ...errors import RecipeError
+from ...eval.perplexity import perplexity_of_tokens
+from ...pruning.base import PruningMethod, StepConfig
+from ...pruning.context import PruneContext
+from ...report import StepReport
+from ...utils import logger
+from ..depth.method import COMPENSATIONS as DEPTH_COMPENSATIONS
+from ..depth.method import DepthConfig, DepthMethod
+from ..width.method import WidthConfig, WidthMethod
+from ..width.scores import COMPENSATIONS, CRITERIA
 
 MAX_MLP = 0.9  # a candidate that would remove more of every remaining MLP than this is not tried
 
@@ -300,7 +300,7 @@ class ShrinkMethod(PruningMethod):
     @staticmethod
     def _shape_only(model: nn.Module, blocks: int, mlp: float) -> nn.Module:
         """A model of the candidate's shape with random weights, for timing only."""
-        from .width.layout import width_spec
+        from ..width.layout import width_spec
 
         config = copy.deepcopy(model.config)
         key = width_spec(model, ModelAdapter(model)).mlp_key

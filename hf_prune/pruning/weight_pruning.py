@@ -20,16 +20,16 @@ import torch
 from .. import distributed
 from ..adapters import ROUTER_ROLE, LinearRef, WeightRef
 from ..calibration.engine import BlockStep, hooks
+from ..calibration.expert_stats import ExpertStatistics
 from ..calibration.experts import ALL, ROUTED
 from ..errors import PruningCheckError, RecipeError
 from ..report import ModuleReport, StepReport
 from ..utils import available_memory_bytes, human_bytes, logger
 from .base import PruningMethod, StepConfig
 from .context import PruneContext
-from .expert_calibration import ExpertStatistics
 from .masks import Structure, dense_groups, expected_pruned, parse_structure, row_slabs
 from .reconstruction import ReconstructConfig, parse_reconstruct, reconstruct_block
-from .targets import Coverage, select_targets
+from .targets import Coverage, select_targets, split_refs
 
 MOE_CALIBRATION = (ROUTED, ALL)
 PER_BLOCK_DETAILS = ("reconstruction",)  # report entries keyed by block, carried over a resume
@@ -173,11 +173,6 @@ class _SharedStats:
         self._last = weakref.ref(x)
         if self.stats is not None:
             self.stats.update(x)
-
-
-def split_refs(refs: list[WeightRef]) -> tuple[list[LinearRef], list[WeightRef]]:
-    """(plain linears, routed experts' matrices: fused views or per-expert linears)."""
-    return [r for r in refs if r.expert is None], [r for r in refs if r.expert is not None]
 
 
 class WeightPruningMethod(PruningMethod):

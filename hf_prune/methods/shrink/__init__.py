@@ -1,0 +1,3 @@
+from .method import ShrinkConfig, ShrinkMethod
+
+__all__ = ["ShrinkConfig", "ShrinkMethod"]

@@ -1,0 +1,3 @@
+from .method import VisualTokensConfig, VisualTokensMethod
+
+__all__ = ["VisualTokensConfig", "VisualTokensMethod"]
