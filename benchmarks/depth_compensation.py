@@ -65,6 +65,7 @@ def main() -> None:
         removed = next(iter(by.values()))["removed"] if by else "-"
         print(f"| {n} | {removed} | {ppl} | {fits or '-'} |")
 
+
 def _fits(entries: list[dict]) -> str:
     return ", ".join(f"{f['error_removed']:.4f} -> {f.get('error_compensated', float('nan')):.4f}" for f in entries)
 

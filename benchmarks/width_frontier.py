@@ -43,14 +43,17 @@ def steps_for(kind: str, fraction: float, budget, units: int) -> list[dict] | No
     name, _, rest = kind.partition(":")
     criterion, compensate, axes = rest.split("/")
     step = {"method": "width", "criterion": criterion, "compensate": compensate}
-    if axes == "hidden+mlp":  # a fixed share of the stream, the rest in MLP neurons of the narrower blocks
+    if axes.startswith("hidden+"):  # a fixed share of the stream (and one attention unit), the rest in MLP neurons
         hidden = HIDDEN_SHARE
+        heads = 1 / units if "heads" in axes.split("+") else 0.0
         embeddings = budget.total - blocks * (attn + mlp)
-        left = target - hidden * (embeddings + blocks * (attn + mlp))
+        left = target - hidden * (embeddings + blocks * (attn + mlp)) - (1 - hidden) * heads * attn * blocks
         mlp_fraction = left / ((1 - hidden) * mlp * blocks)
         if not 0 <= mlp_fraction < 0.9:
             return None
         step.update(hidden=hidden, **({"mlp": round(mlp_fraction, 4)} if mlp_fraction > 0 else {}))
+        if heads:
+            step["heads"] = round(heads, 4)
         return [step]
     heads = 1 / units if axes == "heads" else 0.0
     mlp_fraction = (target - heads * attn * blocks) / (mlp * blocks)
@@ -62,7 +65,21 @@ def steps_for(kind: str, fraction: float, budget, units: int) -> list[dict] | No
     return [step]
 
 
-def run_one(model_id: str, steps: list[dict], heal_steps: int, runs: int) -> dict:
+def same_shapes(steps: list[dict]) -> list[dict] | None:
+    """Steps that leave a model of the same shapes without calibration (speed depends on shapes only): width by
+    magnitude without compensation, depth as a list of blocks. None where no such step exists (SliceGPT)."""
+    out = []
+    for step in steps:
+        if step["method"] == "width":
+            out.append({**step, "criterion": "magnitude", "compensate": "none"})
+        elif step["method"] == "depth":
+            out.append({"method": "depth", "blocks": list(range(1, 1 + step["num_blocks"]))})
+        else:
+            return None
+    return out
+
+
+def run_one(model_id: str, steps: list[dict], heal_steps: int, runs: int, speed_only: bool = False) -> dict:
     import torch
 
     from hf_prune import HFPruner
@@ -78,6 +95,12 @@ def run_one(model_id: str, steps: list[dict], heal_steps: int, runs: int) -> dic
     ids = evaluation_tokens(docs, tokenizer, 512)[:512].unsqueeze(0)
     pruner = HFPruner(model, tokenizer, {"calibration": CALIB, "steps": steps})
     result: dict = {"steps": steps}
+    if speed_only:
+        if steps:
+            pruner.prune()
+        result["params"] = sum(p.numel() for p in pruner.model.parameters())
+        result["prefill_s"], result["decode_s"] = measure(pruner.model, ids, 128, runs)
+        return result
     if steps:
         report = pruner.prune()
         result["prune_s"] = report.time_s
@@ -96,7 +119,7 @@ def run_one(model_id: str, steps: list[dict], heal_steps: int, runs: int) -> dic
 def plan(args) -> dict[str, tuple[list[dict], int]]:
     """name -> (steps, heal steps) of every configuration of the frontier."""
     from hf_prune.adapters import ModelAdapter
-    from hf_prune.methods.shrink import measure_budget
+    from hf_prune.methods.shrink.method import measure_budget
     from hf_prune.pruner import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(args.model)
@@ -121,6 +144,31 @@ def plan(args) -> dict[str, tuple[list[dict], int]]:
             if steps is not None and name not in configs:
                 configs[name] = (steps, 0)
     return configs
+
+
+def measure_speed(args, results: dict[str, dict]) -> None:
+    """Fill in prefill / decode times of the finished configurations that have none (same shapes, see same_shapes);
+    dense is re-measured in the same invocation so every speedup compares runs of one sitting."""
+    todo = {n: r for n, r in results.items() if n == "dense" or "prefill_s" not in r}
+    for name, r in todo.items():
+        steps = same_shapes(r["steps"])
+        if steps is None:
+            print(f"{name}: no calibration-free step of the same shapes; skipped", flush=True)
+            continue
+        cmd = [sys.executable, __file__, "--model", args.model, "--runs", str(args.runs), "--out", args.out]
+        proc = subprocess.run(cmd + ["--speed-only", "--one", json.dumps([steps, 0])], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            sys.exit(f"{name} failed")
+        timing = json.loads(line[len("RESULT ") :])
+        if timing["params"] != r["params"]:
+            sys.exit(f"{name}: the speed model has {timing['params']} parameters, the measured one {r['params']}")
+        r.update(prefill_s=timing["prefill_s"], decode_s=timing["decode_s"], speed_from=steps)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({"model": args.model, "calibration": CALIB, "results": results}, f, indent=1, default=str)
+        os.replace(args.out + ".tmp", args.out)
+        print(f"{name}: prefill {timing['prefill_s']:.3f} s decode {timing['decode_s']:.3f} s", flush=True)
 
 
 def plot(results: dict[str, dict], path: str, title: str, by_params: bool = False) -> None:
@@ -178,18 +226,29 @@ def main() -> None:
     )
     parser.add_argument("--no-grid", action="store_true", help="skip the criterion x compensation grid")
     parser.add_argument("--only", nargs="*", help="run only these configuration names")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="measure speed (--runs) of the configurations in --out that have none, on a model of the same shapes "
+        "pruned without calibration (width: magnitude, no compensation; depth: the first blocks); run on an idle "
+        "machine after the perplexity runs",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         steps, heal = json.loads(args.one)
-        print("RESULT " + json.dumps(run_one(args.model, steps, heal, args.runs), default=str))
+        result = run_one(args.model, steps, heal, args.runs, args.speed_only)
+        print("RESULT " + json.dumps(result, default=str))
         return
     results: dict[str, dict] = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)["results"]
+    if args.speed_only:
+        measure_speed(args, results)
+        return
     for name, (steps, heal) in plan(args).items():
         if name in results or (args.only and name not in args.only):
             continue
