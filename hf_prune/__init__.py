@@ -11,6 +11,8 @@ from .errors import (
 )
 from .eval import PERPLEXITY_CONVENTION, perplexity
 from .pruner import HFPruner
+from .pruning.base import PruningMethod, StepConfig
+from .pruning.context import PruneContext
 from .recipe import Recipe
 from .registry import available_methods, get_method, register_method
 from .report import PruningReport
@@ -26,9 +28,12 @@ __all__ = [
     "ModelAdapter",
     "OutputExistsError",
     "PruningCheckError",
+    "PruneContext",
+    "PruningMethod",
     "PruningReport",
     "Recipe",
     "RecipeError",
+    "StepConfig",
     "UnsupportedModelError",
     "__version__",
     "available_methods",

@@ -18,7 +18,12 @@ _METHODS: dict[str, MethodEntry] = {}
 
 
 def register_method(name: str, config_cls: type, method_cls: type) -> None:
-    """Make a pruning method available to recipes and the CLI under ``name``."""
+    """Make a pruning method available to recipes and the CLI under ``name`` (a built-in's name is taken)."""
+    _load_builtin_methods()
+    _add(name, config_cls, method_cls)
+
+
+def _add(name: str, config_cls: type, method_cls: type) -> None:
     if name in _METHODS and _METHODS[name].method_cls is not method_cls:
         raise ValueError(f"A pruning method named '{name}' is already registered.")
     _METHODS[name] = MethodEntry(name, config_cls, method_cls)
@@ -41,4 +46,4 @@ def _load_builtin_methods() -> None:
     from .methods import BUILTIN_METHODS
 
     for name, config_cls, method_cls in BUILTIN_METHODS:
-        register_method(name, config_cls, method_cls)
+        _add(name, config_cls, method_cls)

@@ -67,6 +67,26 @@ def _tiny(config_name: str, extra: dict | None = None, **common):
     return model
 
 
+def _refused_before_any_work(pruner, model, match: str) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=match):
+        pruner.prune()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _reloads_alike(pruner, model, folder):
+    """The saved folder reloads as the family's own class, to the pruned model's logits; cached = uncached."""
+    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(folder)).eval()
+    assert type(reloaded) is type(model)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
+        gen = dict(max_new_tokens=5, do_sample=False)
+        assert torch.equal(
+            reloaded.generate(input_ids=IDS, **gen), reloaded.generate(input_ids=IDS, use_cache=False, **gen)
+        )
+    return reloaded
+
+
 @pytest.mark.parametrize("family", list(DERIVED))
 @pytest.mark.parametrize("axis", ["mlp", "heads", "hidden"])
 def test_a_family_with_a_known_layout_prunes_width_into_its_own_class_or_refuses_first(
@@ -77,21 +97,11 @@ def test_a_family_with_a_known_layout_prunes_width_into_its_own_class_or_refuses
     pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", axis: AMOUNT[axis]}))
     assert pruner.adapter.family == family and pruner.adapter.derived_from == layout
     if axis in refused:
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(UnsupportedModelError, match=refused[axis]):
-            pruner.prune()
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        _refused_before_any_work(pruner, model, refused[axis])
         return
     pruner.prune()
-    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
-    assert type(reloaded) is type(model)
+    reloaded = _reloads_alike(pruner, model, tmp_path / "out")
     assert getattr(reloaded.config, KEY[axis]) < getattr(model.config, KEY[axis])
-    with torch.no_grad():
-        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
-        gen = dict(max_new_tokens=5, do_sample=False)
-        assert torch.equal(
-            reloaded.generate(input_ids=IDS, **gen), reloaded.generate(input_ids=IDS, use_cache=False, **gen)
-        )
 
 
 FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=3)
@@ -106,7 +116,12 @@ OWN_ROWS = {
     ),
     "lfm2": (  # convolution and attention blocks; the convolutions' channels are hidden_size wide
         "Lfm2Config",
-        {**COMMON, "num_hidden_layers": 4, "layer_types": ["conv", "full_attention", "conv", "full_attention"]},
+        {
+            **COMMON,
+            "num_hidden_layers": 4,
+            "layer_types": ["conv", "full_attention", "conv", "full_attention"],
+            "full_attn_idxs": [1, 3],  # real LFM2 configs carry both
+        },
         {"hidden": "conv.conv.weight would be"},
     ),
 }
@@ -121,10 +136,7 @@ def test_falcon_and_lfm2_prune_width_or_refuse_first(name, axis, tokenizer, tiny
     pruner = HFPruner(model, tokenizer, tiny_recipe({"method": "width", axis: AMOUNT[axis]}))
     assert pruner.adapter.family == model.config.model_type
     if axis in refused:
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(UnsupportedModelError, match=refused[axis]):
-            pruner.prune()
-        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        _refused_before_any_work(pruner, model, refused[axis])
         return
 
     def width(m):  # MLP neurons as built (LFM2 derives them from intermediate_size unless told not to), KV heads
@@ -134,20 +146,14 @@ def test_falcon_and_lfm2_prune_width_or_refuse_first(name, axis, tokenizer, tiny
 
     width_before = width(model)
     pruner.prune()
-    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
-    assert type(reloaded) is type(model) and width(reloaded) < width_before
-    with torch.no_grad():
-        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
-        gen = dict(max_new_tokens=5, do_sample=False)
-        assert torch.equal(
-            reloaded.generate(input_ids=IDS, **gen), reloaded.generate(input_ids=IDS, use_cache=False, **gen)
-        )
+    assert width(_reloads_alike(pruner, model, tmp_path / "out")) < width_before
 
 
 @pytest.mark.parametrize("name", list(OWN_ROWS))
 def test_falcon_and_lfm2_remove_blocks_with_compensation(name, tokenizer, tiny_recipe, tmp_path):
     """Falcon adds the attention output into the MLP's output tensor in place: a map fitted on that tensor (not a
-    copy taken when the MLP returns it) would see attention + MLP and the residual check would refuse the block."""
+    copy taken when the MLP returns it) would see attention + MLP and the residual check would refuse the block.
+    LFM2's convolution block 0 takes the map, its residual checked with the convolution as its token mixer."""
     config_name, values, _ = OWN_ROWS[name]
     model = _tiny(config_name, **values)
     layers = model.config.num_hidden_layers
@@ -157,10 +163,10 @@ def test_falcon_and_lfm2_remove_blocks_with_compensation(name, tokenizer, tiny_r
     (entry,) = report.steps[0].details["compensation"]
     writer = f"{pruner.adapter.blocks_path}.0.{DOWN[model.config.model_type]}"
     assert entry["writer"] == writer and entry["error_removed"] > 0
-    reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out")).eval()
-    assert reloaded.config.num_hidden_layers == layers - 1
-    with torch.no_grad():
-        assert torch.allclose(reloaded(input_ids=IDS).logits, pruner.model(input_ids=IDS).logits, atol=1e-5)
+    config = _reloads_alike(pruner, model, tmp_path / "out").config
+    assert config.num_hidden_layers == layers - 1
+    if name == "lfm2":  # block 1 was attention; block 3 is now block 2 (block 0, a convolution, took the map)
+        assert config.layer_types == ["conv", "conv", "full_attention"] and config.full_attn_idxs == [2]
 
 
 def test_where_the_norms_sit_decides_the_layout(tokenizer, tiny_recipe):

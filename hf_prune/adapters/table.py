@@ -87,6 +87,7 @@ class ArchSpec:
     lm_head: str = "lm_head"
     attention: str = "self_attn"
     mlp: str = "mlp"
+    other_mixers: tuple[str, ...] = ()  # what mixes tokens in blocks without ``attention`` (LFM2: "conv")
     notes: tuple[str, ...] = field(default_factory=tuple)
     moe: MoESpec | None = None
 
@@ -164,8 +165,10 @@ GPT2 = ArchSpec(
 )
 
 
-# Falcon: fused q/k/v (multi-query: [q heads; k; v], or grouped with new_decoder_architecture), one LayerNorm feeding
-# attention and MLP side by side (parallel_attn; Falcon-40B/180B's ln_attn / ln_mlp are two such norms).
+# Falcon: fused q/k/v (multi-query: [q heads; k; v], or grouped with new_decoder_architecture). Norm roles are those of
+# Falcon-7B (one LayerNorm feeding attention and MLP side by side); Falcon-40B/180B's ln_attn / ln_mlp and
+# Falcon-RW's post_attention_layernorm are not listed (no method that reads norm roles accepts Falcon: SliceGPT
+# refuses it, width.hidden refuses it since head_dim derives from hidden_size).
 FALCON = ArchSpec(
     blocks="transformer.h",
     linears={
@@ -197,6 +200,7 @@ LFM2 = ArchSpec(
     embeddings=("model.embed_tokens",),
     final_norm="model.embedding_norm",
     mlp="feed_forward",
+    other_mixers=("conv",),
 )
 
 

@@ -1,11 +1,12 @@
 """Physically remove decoder blocks and keep the config consistent, so the result is a plain HF model.
 
 Every per-layer structure of the config is renumbered: lists as long as the layers (``layer_types``,
-``no_rope_layers``), lists of layer indices (``moe_layers``, ``mlp_only_layers``), counts of leading layers
-(``first_k_dense_replace``, ``max_window_layers``) and periodic patterns (``decoder_sparse_step``, turned into an
-explicit ``mlp_only_layers``). ``structure_mismatch`` builds the model the new config describes on the meta device
-and compares it block by block with the pruned one, so a family with a per-layer structure not listed here is refused
-before any work instead of saving a checkpoint that reloads with missing or unexpected keys.
+``no_rope_layers``), lists of layer indices (``moe_layers``, ``mlp_only_layers``, LFM2's ``full_attn_idxs``),
+counts of leading layers (``first_k_dense_replace``, ``max_window_layers``) and periodic patterns
+(``decoder_sparse_step``, turned into an explicit ``mlp_only_layers``). ``structure_mismatch`` builds the model the
+new config describes on the meta device and compares it block by block with the pruned one, so a family with a
+per-layer structure not listed here is refused before any work instead of saving a checkpoint that reloads with
+missing or unexpected keys.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_su
 # Integer thresholds counted in layers: the first N blocks behave differently.
 _LAYER_COUNT_THRESHOLDS = ("max_window_layers", "first_k_dense_replace")
 # Lists of layer indices (not one entry per layer).
-_LAYER_INDEX_LISTS = ("moe_layers", "mlp_only_layers")
+_LAYER_INDEX_LISTS = ("moe_layers", "mlp_only_layers", "full_attn_idxs")  # LFM2: its attention blocks
 
 
 def text_config_of(config):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ... import distributed
@@ -256,9 +257,9 @@ class DepthMethod(PruningMethod):
                 seen: list[torch.Tensor] = []
                 attention_out: list[torch.Tensor] = []
                 added = [writers[i].module.register_forward_hook(_recorder(seen))]
-                attention = get_submodule(step.block, ctx.adapter.spec.attention)
-                if attention is not None:
-                    added.append(attention.register_forward_hook(_recorder(attention_out)))
+                mixer = token_mixer(step.block, ctx.adapter.spec)
+                if mixer is not None:  # the check reads the first chunk only
+                    added.append(mixer.register_forward_hook(_recorder(attention_out, first_only=True)))
                 with hooks(added):
                     outputs = step.forward()
                 if attention_out:
@@ -387,10 +388,24 @@ def _check_plain_residual(name: str, x: torch.Tensor, attention: torch.Tensor, m
         )
 
 
-def _recorder(store: list[torch.Tensor]):
-    """Keeps a copy of a module's output: the block may add to it in place afterwards (Falcon adds the attention
-    output into the MLP's)."""
-    return lambda module, args, out: store.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+def _recorder(store: list[torch.Tensor], first_only: bool = False):
+    """Keeps a copy of a module's output (the block may add to it in place afterwards: Falcon adds the attention
+    output into the MLP's), of every call or of the first."""
+
+    def record(module, args, out):
+        if not (first_only and store):
+            store.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+
+    return record
+
+
+def token_mixer(block: nn.Module, spec) -> nn.Module | None:
+    """The block's attention, or what mixes tokens in its place (LFM2's convolution blocks)."""
+    for path in (spec.attention, *spec.other_mixers):
+        module = get_submodule(block, path)
+        if module is not None:
+            return module
+    return None
 
 
 def removed_runs(chosen: list[int]) -> list[tuple[int, int]]:
