@@ -33,7 +33,13 @@ MODELS = {
     "smollm2": (
         "SmolLM2-135M",
         ("depth_compensation.json", "depth_every_count_smollm2.json"),
-        ("width_frontier_smollm2.json", "structured_frontier_smollm2.json"),
+        (
+            "width_frontier_smollm2.json",
+            "structured_frontier_smollm2.json",
+            "healed_15_smollm2.json",
+            "hidden_healed_smollm2.json",
+            "frontier_healed_smollm2.json",
+        ),
     ),
     "gemma3": ("Gemma-3-270m", ("depth_every_count_gemma3.json",), ("structured_frontier_gemma3.json",)),
 }
@@ -41,7 +47,10 @@ WIDTH_LINES = (
     "width activation/least_squares/mlp",
     "width fluctuation/least_squares/mlp",
     "width fluctuation/least_squares/hidden+mlp",
+    "width fluctuation/least_squares/hidden+heads+mlp",
+    "slicegpt",
 )
+DEPTH_KINDS = {"depth": "depth", "depth+ls": "depth + least squares"}  # frontier names -> depth lines
 
 
 def _load(name: str):
@@ -71,16 +80,33 @@ def _dense(files) -> dict:
 
 
 def _width_rows(files) -> list[dict]:
+    """Width and SliceGPT rows of the frontier files; their depth rows too (with healing where it was run), unless
+    the depth files have that block count already."""
     out = []
     for name in files:
         results = (_load(name) or {}).get("results", {})
         for config, r in results.items():
-            if not config.startswith("width") or "/heads" in config:
-                continue
             method = config.rsplit(" ", 1)[0]
-            if method in WIDTH_LINES:
-                out.append({"line": method, "config": config, "params": r["params"], "ppl": r["ppl"]})
+            row = {"line": method, "config": config, "params": r["params"], "ppl": r["ppl"]}
+            if r.get("ppl_healed"):
+                row["ppl_healed"] = r["ppl_healed"]
+            if method in DEPTH_KINDS:
+                blocks = r["steps"][0]["num_blocks"]
+                row.update(line=DEPTH_KINDS[method], config=f"{DEPTH_KINDS[method]}, {blocks} blocks", blocks=blocks)
+                out.append(row)
+            elif method in WIDTH_LINES:
+                out.append(row)
     return out
+
+
+def _merged(depth: list[dict], width: list[dict]) -> list[dict]:
+    """One row per configuration: a frontier row replaces the depth file's row of the same block count when it has
+    a healed perplexity (the unhealed ones are the same prune, measured twice)."""
+    rows = {r["config"]: r for r in depth}
+    for r in width:
+        if r["config"] not in rows or "ppl_healed" in r:
+            rows[r["config"]] = r
+    return sorted(rows.values(), key=lambda r: -r["params"])
 
 
 def main() -> None:
@@ -89,20 +115,21 @@ def main() -> None:
     parser.add_argument("--plot")
     args = parser.parse_args()
     title, depth_files, width_files = MODELS[args.model]
-    rows = sorted(_depth_rows(depth_files) + _width_rows(width_files), key=lambda r: -r["params"])
+    rows = _merged(_depth_rows(depth_files), _width_rows(width_files))
     dense = _dense(width_files)["params"]
-    print("| config | params | removed | ppl |")
-    print("|---|---|---|---|")
+    print("| config | params | removed | ppl | ppl healed |")
+    print("|---|---|---|---|---|")
     for r in rows:
         removed = 1 - r["params"] / dense
-        print(f"| {r['config']} | {r['params'] / 1e6:.1f} M | {removed:.1%} | {r['ppl']:.2f} |")
+        healed = f"{r['ppl_healed']:.2f}" if "ppl_healed" in r else "-"
+        print(f"| {r['config']} | {r['params'] / 1e6:.1f} M | {removed:.1%} | {r['ppl']:.2f} | {healed} |")
     if args.plot:  # the frontier's plot, by parameters: one line per method (named "line level")
         sys.path.insert(0, os.path.dirname(__file__))
         from width_frontier import plot
 
         results = {"dense": _dense(width_files)}
         results.update({f"{r['line']} {i}": r for i, r in enumerate(rows)})
-        plot(results, args.plot, f"{title}: depth at every block count vs width (no healing)", by_params=True)
+        plot(results, args.plot, f"{title}: depth at every block count vs width (dashed: healed)", by_params=True)
         print(f"\nplot: {args.plot}")
 
 
