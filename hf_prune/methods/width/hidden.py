@@ -22,11 +22,25 @@ from ...adapters import ModelAdapter, get_submodule, is_linear, is_transposed
 from ...errors import UnsupportedModelError
 from ...surgery import materialized_state_dict, parameter_shapes
 from ...utils import OffloadedCopy
-from .scores import ChannelStats, refit_kept_columns
+from .scores import ChannelStats, channel_scores, keep_top, refit_kept_columns
 
 # block linears (by role) that read the stream through a norm (their input columns go) or write into it (output rows)
 READERS = ("q", "k", "v", "qkv", "gate", "up", "gate_up", "shared_gate", "shared_up", "router")
 WRITERS = ("o", "down", "shared_down")
+
+
+@dataclass
+class ProjectorNeurons:
+    """A projector's inner neurons whose count the config ties to the language model's hidden size (LLaVA's
+    ``linear_1 -> act -> linear_2``, all ``hidden_size`` wide): ``reader`` (the linear that reads them and writes
+    the stream) keeps ``keep`` of its ``width`` input columns, its producers the same output rows. ``cut``:
+    state-dict key -> the dimension holding the neurons. They are scored on the reader's inputs when the
+    calibration has images, else by the reader's kept columns alone."""
+
+    reader: str
+    width: int
+    keep: int
+    cut: dict[str, int]
 
 
 @dataclass
@@ -36,7 +50,8 @@ class StreamSites:
     1 when it multiplies by ``1 + weight`` as Gemma's do, else 0). ``writers``: module names of the block linears
     that write into the stream. ``moe_readers``: MoE module name -> its fused expert and router tensors that read the
     stream (state-dict key, the stream's dimension). ``embedding_scale``: the ratio by which the family's embedding
-    scale changes with the narrower ``hidden_size`` (1.0 for most families)."""
+    scale changes with the narrower ``hidden_size`` (1.0 for most families). ``projector_neurons``: a VLM
+    projector's inner neurons that narrow with the stream (LLaVA), if any."""
 
     width: int
     cut: dict[str, int] = field(default_factory=dict)
@@ -44,6 +59,7 @@ class StreamSites:
     writers: list[str] = field(default_factory=list)
     moe_readers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     embedding_scale: float = 1.0
+    projector_neurons: ProjectorNeurons | None = None
 
 
 def _is_stream_norm(module: nn.Module, width: int) -> bool:
@@ -142,22 +158,30 @@ def _moe_sites(sites: StreamSites, adapter: ModelAdapter, index: int, block_name
 def _projector_sites(sites: StreamSites, model: nn.Module, narrowed: nn.Module, projector: str) -> None:
     """A vision-language model's projector writes the image features into the stream: the projector tensors that
     the narrowed config describes one stream channel narrower along a single dimension lose the same channels, and
-    scale with the stream as the block writers do. A projector whose own inner width is the language model's
-    hidden size (LLaVA's two-layer MLP) is refused before any work: its inner neurons are not stream channels."""
+    scale with the stream as the block writers do. A projector whose own inner width is the language model's hidden
+    size (LLaVA's two-layer MLP) also loses inner neurons, as many as the narrowed config describes
+    (``ProjectorNeurons``); anything else over the stream's width there is refused before any work."""
     new_width = narrowed.config.get_text_config().hidden_size
-    new_shapes = parameter_shapes(narrowed)
+    old_shapes, new_shapes = parameter_shapes(model), parameter_shapes(narrowed)
+    changed = {}
+    for key, shape in old_shapes.items():
+        if key.startswith(projector + "."):
+            dims = [d for d, (a, b) in enumerate(zip(shape, new_shapes.get(key, shape))) if a != b]
+            if dims:
+                changed[key] = dims
+    neurons = _projector_neurons(model, changed, old_shapes, new_shapes, sites.width, new_width)
     found = {}
-    for key, shape in parameter_shapes(model).items():
-        if not key.startswith(projector + "."):
+    for key, dims in changed.items():
+        if neurons is not None and key in neurons.cut:
+            if key == f"{neurons.reader}.weight":
+                found[key] = 0  # its output rows write the stream; its input columns are the inner neurons
             continue
-        changed = [d for d, (a, b) in enumerate(zip(shape, new_shapes.get(key, shape))) if a != b]
-        if not changed:
-            continue
-        if len(changed) > 1 or shape[changed[0]] != sites.width or new_shapes[key][changed[0]] != new_width:
+        shape = old_shapes[key]
+        if len(dims) > 1 or shape[dims[0]] != sites.width or new_shapes[key][dims[0]] != new_width:
             raise UnsupportedModelError(
                 f"width.hidden: the projector's {key} {tuple(shape)} takes the language model's hidden size on more "
-                f"than the side that writes the stream (it would be {new_shapes.get(key)}), so a narrower stream "
-                "would also remove the projector's own neurons; use mlp / heads."
+                f"than the side that writes the stream (it would be {new_shapes.get(key)}), and hf_prune finds no "
+                "inner neurons to narrow with it; use mlp / heads."
             )
         owner = model.get_submodule(key.rpartition(".")[0])
         weight = getattr(owner, "weight", None)
@@ -166,12 +190,61 @@ def _projector_sites(sites: StreamSites, model: nn.Module, narrowed: nn.Module, 
                 f"width.hidden: the projector's {key} belongs to a {type(owner).__name__} over the stream's width "
                 "(a norm), which hf_prune cannot narrow and rescale outside the language model; use mlp / heads."
             )
-        found[key] = changed[0]
+        found[key] = dims[0]
     for key, dim in found.items():
         sites.cut[key] = dim
         owner = key.rpartition(".")[0]
         if owner not in sites.writers:
             sites.writers.append(owner)
+    sites.projector_neurons = neurons
+
+
+def _projector_neurons(
+    model: nn.Module,
+    changed: dict[str, list[int]],
+    old_shapes: dict[str, tuple],
+    new_shapes: dict[str, tuple],
+    width: int,
+    new_width: int,
+) -> ProjectorNeurons | None:
+    """The projector's inner neurons whose count the config ties to the hidden size (LLaVA: linear_1's outputs,
+    linear_2's inputs), or None when the projector has none. Found from the shapes the narrowed config gives: one
+    ``nn.Linear`` that narrows on both sides (the stream on its outputs, the neurons on its inputs) and linears that
+    produce those neurons (their output rows and biases)."""
+    both = [key for key, dims in changed.items() if len(dims) == 2]
+    if not both:
+        return None
+    key = both[0]
+    reader, _, leaf = key.rpartition(".")
+    owner = model.get_submodule(reader)
+    old, new = old_shapes[key], new_shapes[key]
+    if len(both) > 1 or leaf != "weight" or type(owner) is not nn.Linear or (old[0], new[0]) != (width, new_width):
+        raise UnsupportedModelError(
+            f"width.hidden: the projector's {key} {tuple(old)} takes the language model's hidden size on more than "
+            f"the side that writes the stream (it would be {new}), in a layout hf_prune does not narrow; use mlp / "
+            "heads."
+        )
+    cut = {key: 1}
+    for other, dims in changed.items():
+        producer = other.rpartition(".")[0]
+        if producer == reader:
+            continue  # the reader's bias is on the stream's side
+        if (
+            type(model.get_submodule(producer)) is not nn.Linear
+            or dims != [0]
+            or (old_shapes[other][0], new_shapes[other][0]) != (old[1], new[1])
+        ):
+            raise UnsupportedModelError(
+                f"width.hidden: the projector's {other} {tuple(old_shapes[other])} would be {new_shapes[other]}, "
+                f"but only linears producing {reader}'s inputs may narrow with it; use mlp / heads."
+            )
+        cut[other] = 0
+    if len(cut) == 1:
+        raise UnsupportedModelError(
+            f"width.hidden: the projector's {key} would narrow on its inputs, but nothing in the projector produces "
+            "them; use mlp / heads."
+        )
+    return ProjectorNeurons(reader, old[1], new[1], cut)
 
 
 @torch.no_grad()
@@ -225,6 +298,7 @@ class StreamRecorder:
         self._readers: dict[str, nn.Module] = {}  # the walked block's reader linears
         self._last_norm_output: dict[str, torch.Tensor] = {}
         self._last_writer_output: dict[str, torch.Tensor] = {}
+        self.projector_inputs: ChannelStats | None = None
 
     def hooks(self, model_names: dict[int, str], block: nn.Module, readers: dict[str, nn.Module]) -> list:
         handles = []
@@ -241,6 +315,31 @@ class StreamRecorder:
             hook = lambda m, a, n=name: self._reader(n, m, a[0])  # noqa: E731
             handles.append(module.register_forward_pre_hook(hook))
         return handles
+
+    def watch_projector(self, model: nn.Module):
+        """Record the projector's inner neurons (the reader's inputs) whenever the calibration forward runs the
+        projector (on images); the hook handle, or None where the projector has none."""
+        neurons = self.sites.projector_neurons
+        if neurons is None:
+            return None
+        self.projector_inputs = None
+
+        def record(module, args):
+            if self.projector_inputs is None:  # on the device the projector runs on
+                self.projector_inputs = ChannelStats(neurons.width, args[0].device, self.second_moment)
+            self.projector_inputs.update(args[0].detach())
+
+        return model.get_submodule(neurons.reader).register_forward_pre_hook(record)
+
+    def projector_statistics(self) -> ChannelStats | None:
+        """The projector's inner-neuron statistics summed over the ranks (zeros on a rank that saw no image)."""
+        neurons = self.sites.projector_neurons
+        if neurons is None:
+            return None
+        if self.projector_inputs is None:
+            self.projector_inputs = ChannelStats(neurons.width, torch.device("cpu"), self.second_moment)
+        self.projector_inputs.all_reduce()
+        return self.projector_inputs
 
     def _norm(self, name: str, x: torch.Tensor, out) -> None:
         y = out[0] if isinstance(out, tuple) else out
@@ -418,6 +517,9 @@ class StreamCut:
     fed_by_writer: dict[str, str]  # norm -> writer: the norm puts that writer's output into the stream
     refits: dict[str, tuple[str, SecondMoments]] = field(default_factory=dict)
     errors: dict[str, dict] = field(default_factory=dict)  # reader -> relative output error, plain / refit
+    projector_inputs: ChannelStats | None = None  # the projector's inner neurons on the calibration images
+    criterion: str = "activation"
+    projector_report: dict = field(default_factory=dict)
 
     def apply(self, state: dict[str, torch.Tensor], live: nn.Module) -> None:
         """Cut ``state`` (the model's materialized state dict) in place; each old tensor of ``live`` is replaced by
@@ -450,9 +552,47 @@ class StreamCut:
                 del old
                 state[key] = new
                 _replace_live(live, owner, leaf, new)
+            self._cut_projector_neurons(state, live)
         finally:
             for moments in {id(m): m for _, m in self.refits.values()}.values():
                 moments.close()
+
+    def _cut_projector_neurons(self, state: dict[str, torch.Tensor], live: nn.Module) -> None:
+        """After the stream's cut: the projector's inner neurons that matter most to its kept stream channels (by
+        the width criterion on the calibration images, else by the norm of the reader's kept columns); with the
+        images' second moment, the reader's kept columns refit by least squares (where that beats slicing)."""
+        neurons = self.sites.projector_neurons
+        if neurons is None:
+            return
+        reader_key = f"{neurons.reader}.weight"
+        weight = state[reader_key]  # (kept stream channels, neurons)
+        stats = self.projector_inputs
+        seen = stats is not None and stats.tokens > 0
+        columns = weight.float().to(stats.sum.device) if seen else weight.float()  # where the statistics are
+        scores = channel_scores(self.criterion if seen else "magnitude", stats if seen else None, columns)
+        del columns
+        keep = keep_top(scores.cpu(), neurons.keep)
+        refit, error = None, None
+        if seen and stats.gram is not None:
+            moment = stats.take_second_moment(weight.device)
+            refit, error = refit_kept_columns(weight.float(), moment, keep.to(weight.device))
+        for key, dim in neurons.cut.items():
+            owner, _, leaf = key.rpartition(".")
+            old = state[key]
+            new = (
+                refit.to(old.dtype)
+                if key == reader_key and refit is not None
+                else old.index_select(dim, keep.to(old.device))
+            )
+            del old
+            state[key] = new
+            _replace_live(live, owner, leaf, new)
+        self.projector_report = {
+            "before": neurons.width,
+            "after": neurons.keep,
+            "scored_on": f"{stats.tokens} image tokens ({self.criterion})" if seen else "weights (no image)",
+            **({"compensation_error": error} if error is not None else {}),
+        }
 
 
 def _replace_live(model: nn.Module, owner: str, leaf: str, new: torch.Tensor) -> None:

@@ -47,7 +47,9 @@ class WidthConfig(StepConfig):
             embedding channels): embeddings, head (tied embeddings stay tied), every norm, every projection that
             reads or writes the stream; ranked by the criterion over the norms' outputs, each norm rescaled for the
             channels it loses; in a mixture of experts also every routed expert's fused matrices, the routers and
-            the shared experts. Saved as the family's own class with a smaller ``hidden_size`` (explicit head_dim).
+            the shared experts; in a vision-language model the projector's output (and LLaVA's projector neurons,
+            whose count the config ties to the hidden size: scored on the calibration images, else by weight).
+            Saved as the family's own class with a smaller ``hidden_size`` (explicit head_dim).
         criterion: ``fluctuation`` (FLAP: variance of the channel times the squared norm of the column that reads
             it), ``activation`` (Minitron: mean |activation| of the neuron / head output) or ``magnitude`` (norm of
             that column; no data).
@@ -209,6 +211,7 @@ class WidthMethod(PruningMethod):
                 cut = self.sites.cut if self.sites else None
                 extra = self._moe_targets(narrowed) if self.moe else {}
                 extra.update(self._attention_vectors(plan) if c.heads else {})
+                extra.update(self._projector_neuron_shapes(ctx.model))
                 problem = plan_mismatch(
                     ctx.model, adapter, narrowed, *self._cut_shapes(plan), cut, plan.hidden_keep, extra
                 )
@@ -228,6 +231,18 @@ class WidthMethod(PruningMethod):
 
             if family not in SLICEABLE and family not in ("gemma3_text",):
                 raise UnsupportedModelError(f"width.per_block: {family} cannot load per-block widths yet.")
+
+    def _projector_neuron_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The shapes the projector's inner-neuron cut leaves (before the stream's), for the whole-model check."""
+        neurons = self.sites.projector_neurons if self.sites else None
+        if neurons is None:
+            return {}
+        shapes = {}
+        for key, dim in neurons.cut.items():
+            shape = list(model.get_parameter(key).shape)
+            shape[dim] = neurons.keep
+            shapes[key] = tuple(shape)
+        return shapes
 
     def _check_moe(self, family: str) -> None:
         c = self.config
@@ -335,9 +350,14 @@ class WidthMethod(PruningMethod):
         stream_cut = None
         if self.needs_calibration:
             engine = ctx.engine()
-            for step in engine.walk(desc="width"):
-                plan = plans[step.index] if plans else uniform
-                details[step.index] = self._prune_block(ctx, step.index, plan, step)
+            watch = self.recorder.watch_projector(ctx.model) if self.recorder is not None else None
+            try:
+                for step in engine.walk(desc="width"):
+                    plan = plans[step.index] if plans else uniform
+                    details[step.index] = self._prune_block(ctx, step.index, plan, step)
+            finally:
+                if watch is not None:
+                    watch.remove()
             report.details["block_seconds"] = [round(t, 3) for t in engine.block_seconds]
             if self.recorder is not None:
                 stream_cut = self._stream_cut(ctx, engine, uniform, report)
@@ -353,6 +373,8 @@ class WidthMethod(PruningMethod):
         if stream_cut is not None and stream_cut.errors:
             errors = list(stream_cut.errors.values())
             report.details["hidden_compensation_error"] = {"readers": len(errors), **S.refit_summary(errors)}
+        if stream_cut is not None and stream_cut.projector_report:
+            report.details["projector_neurons"] = stream_cut.projector_report
         total_after = sum(p.numel() for p in ctx.model.parameters())
         report.details.update(
             {
@@ -489,7 +511,15 @@ class WidthMethod(PruningMethod):
             "max": round(max(factors.values()), 6),
         }
         report.details["hidden_embedding_scale"] = round(self.sites.embedding_scale, 6)
-        return StreamCut(self.sites, keep, factors, dict(recorder.fed_by_writer), recorder.refits())
+        return StreamCut(
+            self.sites,
+            keep,
+            factors,
+            dict(recorder.fed_by_writer),
+            recorder.refits(),
+            projector_inputs=recorder.projector_statistics(),
+            criterion=c.criterion,
+        )
 
     def _producer_rows(self, role: str, keep: torch.Tensor, kv_keep: torch.Tensor | None, width: int) -> torch.Tensor:
         """Output rows a producer keeps: the consumer's kept channels, KV heads' rows for k / v, and both halves of
