@@ -14,10 +14,14 @@ neurons; hidden channels + MLP), from the result files the benchmarks wrote (no 
         --heal-levels --no-grid --levels 0.05 0.1 0.15 0.2 0.25 0.3 --kinds BEST/mlp BEST/hidden+mlp
     python benchmarks/depth_compensation.py --model packaged:gemma3-270m --blocks 2 4 6 8 \\
         --out benchmarks/results/depth_every_count_gemma3.json
+    python benchmarks/width_frontier.py --model packaged:gemma3-270m \
+        --out benchmarks/results/frontier_healed_gemma3.json --criterion fluctuation --runs 0 --no-grid \
+        --levels 0.2 --heal-levels 0.2 --kinds depth BEST/mlp BEST/hidden+mlp
     python benchmarks/dense_frontier.py --model gemma3 --plot benchmarks/results/dense_frontier_gemma3.png
 
 Every file is in the README's setting (calibration 32 x 512 tokens of fortunes, seed 0; perplexity on the first 32
-Wikipedia windows of 512 tokens; fp32; no healing). Prints a markdown table; asserts nothing.
+Wikipedia windows of 512 tokens; fp32; healing, where a file has it, as width_frontier.py's). Prints a markdown
+table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +45,11 @@ MODELS = {
             "frontier_healed_smollm2.json",
         ),
     ),
-    "gemma3": ("Gemma-3-270m", ("depth_every_count_gemma3.json",), ("structured_frontier_gemma3.json",)),
+    "gemma3": (
+        "Gemma-3-270m",
+        ("depth_every_count_gemma3.json",),
+        ("structured_frontier_gemma3.json", "frontier_healed_gemma3.json"),
+    ),
 }
 WIDTH_LINES = (
     "width activation/least_squares/mlp",
