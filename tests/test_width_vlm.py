@@ -141,8 +141,8 @@ def test_hidden_channels_of_a_vlm_narrow_the_projector_with_the_stream(family, t
     """Stream channels that carry nothing (zero in the embeddings, in every writer's rows and in the projector's
     output) are removed from the language model and the projector alike: the logits on image + text are unchanged
     (Gemma 3's stream rescaled by its embedding scale, image features included), and the saved folder reloads with
-    its own class to the same logits. LLaVA's projector neurons, calibrated on text only, are scored by linear_2's
-    kept columns: the 16 whose columns are zero go."""
+    its own class to the same logits. LLaVA's projector neurons, calibrated on text only, are scored by their
+    weights: the 16 whose linear_2 columns are zero go."""
     model, ids, extra = tiny_vlm(family)
     model.resize_token_embeddings(len(tokenizer))
     dead = torch.arange(0, 64, 4)  # 16 of the 64 stream channels

@@ -38,7 +38,7 @@ class ProjectorNeurons:
     ``linear_1 -> act -> linear_2``, all ``hidden_size`` wide): ``reader`` (the linear that reads them and writes
     the stream) keeps ``keep`` of its ``width`` input columns, its producers the same output rows. ``cut``:
     state-dict key -> the dimension holding the neurons. They are scored on the reader's inputs when the
-    calibration has images, else by the reader's kept columns alone."""
+    calibration has images, else by their weights (the producer's row and bias, the reader's kept column)."""
 
     reader: str
     width: int
@@ -579,10 +579,11 @@ class StreamCut:
         weight = state[reader_key]  # (kept stream channels, neurons)
         stats = self.projector_inputs
         seen = stats is not None and stats.tokens > 0
-        if seen and self.criterion != "magnitude":
+        by_images = seen and self.criterion != "magnitude"
+        if by_images:
             scores = channel_scores(self.criterion, stats, weight.float().to(stats.sum.device)).cpu()
         else:
-            if not seen and self.criterion != "magnitude":
+            if self.criterion != "magnitude":  # it asked for data the calibration did not give
                 logger.warning(
                     "width.hidden: the calibration had no image, so the projector's neurons are kept by their "
                     "weights alone; calibrate on images (a processor and an image source) to score them on what they "
@@ -590,7 +591,7 @@ class StreamCut:
                 )
             produced = sum(
                 state[key].float().pow(2).reshape(state[key].shape[0], -1).sum(1).cpu()
-                for key, dim in neurons.cut.items()
+                for key in neurons.cut
                 if key != reader_key
             )
             scores = weight.float().pow(2).sum(0).cpu().mul(produced).sqrt()
@@ -607,7 +608,7 @@ class StreamCut:
             "after": neurons.keep,
             "scored_on": (
                 f"{stats.tokens} image tokens ({self.criterion})"
-                if seen and self.criterion != "magnitude"
+                if by_images
                 else "weights" + ("" if seen else " (no image)")
             ),
             **({"image_tokens": stats.tokens} if seen else {}),
